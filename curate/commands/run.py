@@ -1,0 +1,112 @@
+"""``curate run PIPELINE --input ... --output ...``"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "run",
+        help="curate WebDataset shards with a pipeline file",
+        description="Run a pipeline over input shards. Locally it starts an embedded Ray; "
+        "inside `ray job submit` (or with --ray-address / RAY_ADDRESS) it joins the cluster.",
+    )
+    p.add_argument("pipeline", help="pipeline YAML file, e.g. pipelines/blip2.yaml")
+    p.add_argument(
+        "--input",
+        "-i",
+        action="append",
+        required=True,
+        help="input tars: paths, globs, brace ranges 'shards/{00000..00099}.tar' or fsspec URLs; repeatable",
+    )
+    p.add_argument("--output", "-o", required=True, help="output directory or fsspec URL")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a pipeline field, e.g. --set captioner.num_captions=5 (YAML values); repeatable",
+    )
+    p.add_argument("--overwrite", action="store_true", help="delete this output's previous results and start fresh")
+    p.add_argument("--ray-address", default=None, help="Ray cluster to join (default: RAY_ADDRESS or embedded)")
+    p.add_argument("--num-cpus", type=int, default=None, help="logical CPUs of the embedded Ray")
+    p.add_argument("--quiet", "-q", action="store_true", help="no per-shard lines")
+    p.set_defaults(func=cmd_run)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from curate.config import ConfigError, load_pipeline
+    from curate.io.reader import InputError, expand_inputs, shard_refs
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # fail on bad configuration and inputs before any work starts
+    try:
+        cfg = load_pipeline(args.pipeline, args.overrides)
+        urls = expand_inputs(args.input)
+    except (ConfigError, InputError) as exc:
+        print(f"curate run: error: {exc}", file=sys.stderr)
+        return 2
+    shards = shard_refs(urls)
+    output = args.output
+    if "://" not in output:
+        if os.environ.get("RAY_JOB_ID") or os.environ.get("RAY_JOB_SUBMISSION_ID"):
+            if not os.path.isabs(output):
+                print(
+                    f"curate run: warning: relative --output {output!r} inside a Ray job resolves against the "
+                    f"job's unpacked working dir ({os.getcwd()}); pass an absolute path or a URL to find it later",
+                    file=sys.stderr,
+                )
+        output = os.path.abspath(output)
+
+    from curate.pipeline import OutputConflictError, init_ray, run_pipeline
+
+    started = time.time()
+    where = init_ray(args.ray_address, args.num_cpus)
+    print(f"curate run: pipeline {cfg.name!r}, {len(shards)} shard(s) -> {output} on {where}", file=sys.stderr)
+
+    def on_shard(meta: dict) -> None:
+        if args.quiet:
+            return
+        fault = f"  FAULT: {meta['fault']}" if meta.get("fault") else ""
+        print(
+            f"  shard {meta['shard']}: {meta['samples']} samples, kept {meta['kept']}, "
+            f"dropped {meta['dropped']}, error {meta['error']}{fault}",
+            file=sys.stderr,
+        )
+
+    try:
+        result = run_pipeline(cfg, shards, output, overwrite=args.overwrite, on_shard=on_shard)
+    except OutputConflictError as exc:
+        print(f"curate run: error: {exc}", file=sys.stderr)
+        return 2
+    if result.nothing_to_do:
+        print(
+            f"curate run: nothing to do: all {result.shards_total} shard(s) are already in {output} "
+            "(--overwrite starts fresh)"
+        )
+    else:
+        c = result.counts
+        print(
+            f"curate run: done in {time.time() - started:.1f}s: {result.shards_processed} shard(s) processed, "
+            f"{result.shards_skipped} already done; {result.samples_processed} samples at "
+            f"{result.samples_per_s:.2f} samples/s"
+        )
+    c = result.counts
+    print(
+        f"curate run: totals kept={c.get('kept', 0)} dropped={c.get('dropped', 0)} error={c.get('error', 0)} "
+        f"of {c.get('total', 0)}; samples: {output}/samples/*.parquet, curated shards: {output}/shards/*.tar"
+    )
+    if result.all_unreadable:
+        print(
+            f"curate run: error: every shard was unreadable: {', '.join(result.unreadable_shards)} "
+            f"(see {output}/manifest.json)",
+            file=sys.stderr,
+        )
+        return 1
+    return 0

@@ -1,0 +1,254 @@
+"""Read WebDataset tars in img2dataset's layout: ``KEY.jpg|jpeg|png|webp``, ``KEY.txt``, ``KEY.json``.
+
+Inputs are local paths, globs, brace ranges (``{00000..00099}``) or any fsspec URL.
+Tars are streamed member by member, so a shard never has to fit in memory and a tar
+cut in the middle still yields every sample before the cut. Every sample becomes one
+row; a problem with a sample becomes that row's ``error``, a problem with the shard
+becomes its ``shard_end`` row's ``shard_error``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import os
+import re
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import fsspec
+
+from curate.schema import (
+    ROW_SAMPLE,
+    ROW_SHARD_END,
+    STATUS_ERROR,
+    STATUS_PENDING,
+    empty_row,
+)
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
+TEXT_EXT = "txt"
+JSON_EXT = "json"
+
+_BRACE = re.compile(r"\{([^{}]*)\}")
+
+
+class InputError(ValueError):
+    """The input specification names nothing readable."""
+
+
+@dataclass(frozen=True)
+class ShardRef:
+    """One input tar: its URL and the unique name its outputs are written under."""
+
+    url: str
+    name: str
+
+
+def expand_braces(spec: str) -> list[str]:
+    """``a{00..02}b`` -> a00b a01b a02b; ``{x,y}`` -> x y; nested and repeated groups work."""
+    match = _BRACE.search(spec)
+    if not match:
+        return [spec]
+    body = match.group(1)
+    head, tail = spec[: match.start()], spec[match.end() :]
+    range_match = re.fullmatch(r"(-?\d+)\.\.(-?\d+)", body)
+    if range_match:
+        lo_s, hi_s = range_match.groups()
+        lo, hi = int(lo_s), int(hi_s)
+        width = len(lo_s) if lo_s.startswith("0") else 0
+        step = 1 if hi >= lo else -1
+        items = [str(i).zfill(width) for i in range(lo, hi + step, step)]
+    else:
+        items = body.split(",")
+    return [out for item in items for out in expand_braces(head + item + tail)]
+
+
+def _has_glob(path: str) -> bool:
+    return any(ch in path for ch in "*?[")
+
+
+def expand_inputs(specs: str | list[str]) -> list[str]:
+    """Resolve input specs to a sorted, de-duplicated list of tar URLs.
+
+    Local paths that do not exist raise InputError naming them, before any work starts;
+    remote URLs are checked when read.
+    """
+    if isinstance(specs, str):
+        specs = [specs]
+    urls: list[str] = []
+    for spec in specs:
+        for item in expand_braces(spec):
+            protocol = fsspec.core.split_protocol(item)[0]
+            is_local = protocol in (None, "file", "local")
+            if is_local:
+                path = fsspec.core.strip_protocol(item) if protocol else item
+                path = os.path.expanduser(path)
+                if _has_glob(path):
+                    found = sorted(str(p) for p in Path("/").glob(os.path.abspath(path).lstrip("/")))
+                    found = [p for p in found if os.path.isfile(p) and p.endswith(".tar")]
+                    if not found:
+                        raise InputError(f"input pattern matches no .tar file: {item}")
+                    urls.extend(found)
+                elif os.path.isdir(path):
+                    found = sorted(str(p) for p in Path(path).glob("*.tar"))
+                    if not found:
+                        raise InputError(f"input directory has no .tar file: {item}")
+                    urls.extend(found)
+                elif os.path.isfile(path):
+                    urls.append(os.path.abspath(path))
+                else:
+                    raise InputError(f"input not found: {item}")
+            elif _has_glob(item):
+                fs, _, paths = fsspec.get_fs_token_paths(item)
+                if not paths:
+                    raise InputError(f"input pattern matches nothing: {item}")
+                urls.extend(fs.unstrip_protocol(p) for p in sorted(paths))
+            else:
+                urls.append(item)
+    seen: set[str] = set()
+    unique = [u for u in urls if not (u in seen or seen.add(u))]
+    if not unique:
+        raise InputError("no input shards given")
+    return unique
+
+
+def shard_refs(urls: list[str]) -> list[ShardRef]:
+    """Name each shard by its file stem; stems that collide get a short hash of the URL."""
+    stems = [_sanitize(Path(u.rstrip("/")).name.removesuffix(".tar")) or "shard" for u in urls]
+    counts: dict[str, int] = {}
+    for s in stems:
+        counts[s] = counts.get(s, 0) + 1
+    refs = []
+    for url, stem in zip(urls, stems):
+        name = stem if counts[stem] == 1 else f"{stem}-{hashlib.sha1(url.encode()).hexdigest()[:8]}"
+        refs.append(ShardRef(url=url, name=name))
+    return refs
+
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def _sanitize(name: str) -> str:
+    return _UNSAFE.sub("_", name).strip("._")[:200]
+
+
+def sanitize_key(key: str) -> str:
+    """A key that is safe as a file name inside a tar: no separators, no '..', no dots."""
+    clean = _UNSAFE.sub("_", key.replace(".", "_")).strip("_")
+    if clean != key or not clean:
+        clean = (clean[:80] or "sample") + "_" + hashlib.sha1(key.encode("utf-8", "replace")).hexdigest()[:10]
+    return clean
+
+
+def split_member_name(name: str) -> tuple[str, str]:
+    """webdataset's rule: the key is everything before the first dot of the base name."""
+    directory, _, base = name.rpartition("/")
+    stem, dot, ext = base.partition(".")
+    key = f"{directory}/{stem}" if directory else stem
+    return key, ext.lower() if dot else ""
+
+
+def iter_tar_groups(fileobj) -> Iterator[tuple[str, dict[str, bytes], list[str]]]:
+    """Yield (key, {ext: bytes}, problems) for consecutive tar members sharing a key.
+
+    Raises tarfile errors only for faults in the tar stream itself; the caller turns
+    those into a shard fault after everything before the cut has been yielded.
+    """
+    current_key: str | None = None
+    files: dict[str, bytes] = {}
+    problems: list[str] = []
+    with tarfile.open(fileobj=fileobj, mode="r|*") as tar:
+        for member in tar:
+            if not member.isfile():
+                continue
+            key, ext = split_member_name(member.name)
+            if key != current_key:
+                if current_key is not None:
+                    yield current_key, files, problems
+                current_key, files, problems = key, {}, []
+            f = tar.extractfile(member)
+            data = f.read() if f is not None else b""
+            if ext in files:
+                problems.append(f"member {member.name!r} repeats extension {ext!r}")
+                continue
+            files[ext] = data
+        if current_key is not None:
+            yield current_key, files, problems
+
+
+def sample_row(key: str, files: dict[str, bytes], problems: list[str], shard: ShardRef, seq: int) -> dict:
+    """Turn one tar group into a pipeline row; problems become the row's error."""
+    row = empty_row()
+    row.update(row_type=ROW_SAMPLE, key=key, shard=shard.name, seq=seq, status=STATUS_PENDING)
+    row["source_url"] = shard.url
+    errors = list(problems)
+    image_ext = next((e for e in IMAGE_EXTS if e in files), None)
+    if image_ext is None:
+        present = ", ".join(sorted(e or "(no extension)" for e in files)) or "nothing"
+        errors.append(f"no image member (found: {present})")
+    else:
+        image = files[image_ext]
+        row["image"] = image
+        row["image_ext"] = image_ext
+        row["image_sha256"] = hashlib.sha256(image).hexdigest()
+    if TEXT_EXT in files:
+        try:
+            row["alt_text"] = files[TEXT_EXT].decode("utf-8").strip()
+        except UnicodeDecodeError as exc:
+            errors.append(f"{key}.txt is not valid UTF-8 ({exc.reason} at byte {exc.start})")
+    if JSON_EXT in files:
+        raw = files[JSON_EXT]
+        try:
+            text = raw.decode("utf-8")
+            meta = json.loads(text)
+            row["meta"] = text
+            if isinstance(meta, dict) and isinstance(meta.get("url"), str):
+                row["url"] = meta["url"]
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            errors.append(f"{key}.json is not valid JSON: {exc}")
+    if errors:
+        row["status"] = STATUS_ERROR
+        row["error"] = "; ".join(errors)
+        row["image"] = None
+    return row
+
+
+def read_shard(shard: ShardRef, batch_size: int = 32) -> Iterator[list[dict]]:
+    """Yield batches of rows for one shard, then a last batch holding its shard_end row."""
+    batch: list[dict] = []
+    seen: set[str] = set()
+    total = 0
+    fault: str | None = None
+    try:
+        with fsspec.open(shard.url, "rb") as fileobj:
+            for key, files, problems in iter_tar_groups(fileobj):
+                if key in seen:
+                    problems = [*problems, f"duplicate key {key!r} in shard (not adjacent in the tar)"]
+                    key = f"{key}#dup{total}"
+                seen.add(key)
+                batch.append(sample_row(key, files, problems, shard, total))
+                total += 1
+                if len(batch) >= batch_size:
+                    yield batch
+                    batch = []
+    except FileNotFoundError as exc:
+        fault = f"shard not found: {shard.url} ({exc})"
+    except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
+        where = f"after {total} samples" if total else "before any sample"
+        fault = f"unreadable tar {shard.url} {where}: {type(exc).__name__}: {exc}"
+    end = empty_row()
+    end.update(row_type=ROW_SHARD_END, shard=shard.name, key="", seq=-1, status=ROW_SHARD_END)
+    end.update(source_url=shard.url, shard_total=total, shard_error=fault)
+    batch.append(end)
+    yield batch
+
+
+def iter_shard_rows(shards: list[ShardRef], batch_size: int = 32) -> Iterator[dict]:
+    """Every row of every shard, in order: the reader without Ray (tests, benchmarks)."""
+    return itertools.chain.from_iterable(
+        itertools.chain.from_iterable(read_shard(s, batch_size) for s in shards)
+    )

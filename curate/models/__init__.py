@@ -1,0 +1,6 @@
+"""Model wrappers: each owns loading, device, dtype and ``__call__`` on a batch.
+
+Stages hold settings and resources; wrappers hold the model. Every wrapper loads from
+a Hugging Face id or a local directory, from safetensors unless the user allows
+pickled weights, with ``trust_remote_code`` off unless the user turns it on.
+"""

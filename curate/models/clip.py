@@ -1,0 +1,79 @@
+"""CLIP ranker: cosine similarity of image and text embeddings (BLIP-2's ranking signal)."""
+
+from __future__ import annotations
+
+import torch
+from PIL import Image
+
+from curate.models.base import LoadOptions, load_error, model_revision, move, resolve_device, resolve_dtype
+
+
+def _features(out) -> torch.Tensor:
+    # transformers 5 returns an output object with the projected pooler_output
+    return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+
+class ClipRanker:
+    """``ranker(images, texts_per_image)`` -> cosine similarities; each image embedded once."""
+
+    def __init__(
+        self,
+        load: LoadOptions,
+        device: str = "auto",
+        dtype: str = "fp32",
+        batch_size: int = 32,
+    ) -> None:
+        import transformers
+
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
+        self.batch_size = batch_size
+        try:
+            model = transformers.AutoModel.from_pretrained(load.model, **load.model_kwargs())
+            if not hasattr(model, "get_image_features") or not hasattr(model, "get_text_features"):
+                raise ValueError(f"{type(model).__name__} is not a dual encoder (no get_image_features)")
+            self.image_processor = transformers.AutoImageProcessor.from_pretrained(load.model, **load.kwargs())
+            self.tokenizer = transformers.AutoTokenizer.from_pretrained(load.model, **load.kwargs())
+        except Exception as exc:
+            raise load_error("CLIP ranker", load, exc) from exc
+        self.model = move(model, self.device, self.dtype)
+        self.revision = model_revision(self.model)
+        cfg = getattr(self.model.config, "text_config", self.model.config)
+        self.max_text_tokens = int(getattr(cfg, "max_position_embeddings", 77))
+
+    @torch.inference_mode()
+    def embed_images(self, images: list[Image.Image]) -> torch.Tensor:
+        pixel_values = self.image_processor(images=images, return_tensors="pt")["pixel_values"]
+        feats = _features(self.model.get_image_features(pixel_values=pixel_values.to(self.device, self.dtype)))
+        return torch.nn.functional.normalize(feats.float(), dim=-1)
+
+    @torch.inference_mode()
+    def embed_texts(self, texts: list[str]) -> torch.Tensor:
+        chunks = []
+        for start in range(0, len(texts), self.batch_size):
+            tok = self.tokenizer(
+                texts[start : start + self.batch_size],
+                padding=True,
+                truncation=True,
+                max_length=self.max_text_tokens,
+                return_tensors="pt",
+            ).to(self.device)
+            feats = _features(self.model.get_text_features(**tok))
+            chunks.append(torch.nn.functional.normalize(feats.float(), dim=-1))
+        return torch.cat(chunks) if chunks else torch.empty(0)
+
+    def __call__(self, images: list[Image.Image], texts: list[list[str]]) -> list[list[float]]:
+        if not images:
+            return []
+        image_feats = self.embed_images(images)
+        flat = [t for ts in texts for t in ts]
+        if not flat:
+            return [[] for _ in texts]
+        text_feats = self.embed_texts(flat)
+        owner = torch.tensor([i for i, ts in enumerate(texts) for _ in ts])
+        sims = (image_feats[owner] * text_feats).sum(-1).tolist()
+        out, pos = [], 0
+        for ts in texts:
+            out.append(sims[pos : pos + len(ts)])
+            pos += len(ts)
+        return out

@@ -1,0 +1,77 @@
+"""ITM filter: BLIP's image-text matching head gives P(match) for each (image, text).
+
+Each image goes through the vision tower once; its features are reused for the
+alt-text and every synthetic caption.
+"""
+
+from __future__ import annotations
+
+import torch
+from PIL import Image
+
+from curate.models.base import LoadOptions, load_error, model_revision, move, resolve_device, resolve_dtype
+
+
+class ITMFilter:
+    """``itm(images, texts_per_image)`` -> match probabilities, one list per image."""
+
+    def __init__(
+        self,
+        load: LoadOptions,
+        device: str = "auto",
+        dtype: str = "fp32",
+        batch_size: int = 32,
+        max_text_tokens: int = 64,
+    ) -> None:
+        import transformers
+
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
+        self.batch_size = batch_size
+        self.max_text_tokens = max_text_tokens
+        try:
+            config = transformers.AutoConfig.from_pretrained(load.model, **load.kwargs())
+            if config.model_type != "blip":
+                raise ValueError(f"the ITM filter needs a BLIP retrieval model, got model_type={config.model_type!r}")
+            model = transformers.BlipForImageTextRetrieval.from_pretrained(load.model, **load.model_kwargs())
+            self.processor = transformers.AutoProcessor.from_pretrained(load.model, **load.kwargs())
+        except Exception as exc:
+            raise load_error("ITM filter", load, exc) from exc
+        self.model = move(model, self.device, self.dtype)
+        self.revision = model_revision(self.model)
+
+    @torch.inference_mode()
+    def __call__(self, images: list[Image.Image], texts: list[list[str]]) -> list[list[float]]:
+        if not images:
+            return []
+        pixel_values = self.processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
+        pixel_values = pixel_values.to(self.device, self.dtype)
+        image_embeds = self.model.vision_model(pixel_values=pixel_values).last_hidden_state
+        pairs = [(i, t) for i, ts in enumerate(texts) for t in ts]
+        scores: list[float] = []
+        for start in range(0, len(pairs), self.batch_size):
+            chunk = pairs[start : start + self.batch_size]
+            tok = self.processor.tokenizer(
+                [t for _, t in chunk],
+                padding=True,
+                truncation=True,
+                max_length=self.max_text_tokens,
+                return_tensors="pt",
+            ).to(self.device)
+            idx = torch.tensor([i for i, _ in chunk], device=self.device)
+            embeds = image_embeds.index_select(0, idx)
+            atts = torch.ones(embeds.shape[:-1], dtype=torch.long, device=self.device)
+            hidden = self.model.text_encoder(
+                input_ids=tok["input_ids"],
+                attention_mask=tok["attention_mask"],
+                encoder_hidden_states=embeds,
+                encoder_attention_mask=atts,
+            ).last_hidden_state
+            logits = self.model.itm_head(hidden[:, 0, :]).float()
+            scores.extend(torch.softmax(logits, dim=-1)[:, 1].tolist())
+        out: list[list[float]] = []
+        pos = 0
+        for ts in texts:
+            out.append(scores[pos : pos + len(ts)])
+            pos += len(ts)
+        return out

@@ -1,0 +1,333 @@
+"""Compose the stages with Ray Data and drive a run.
+
+    shards --read (tasks)--> rows --decode (tasks)--> caption (actors) --> filter (actors)
+           --> rank (actors) --> policy (tasks) --> driver: RunWriter (per-shard atomic files)
+
+Ray Data streams blocks between operators with backpressure, so memory is bounded by
+the blocks in flight, not by the input size. Each input shard is read by one task that
+yields small batches and, last, a ``shard_end`` row carrying the shard's sample count;
+the driver finishes a shard's files when that many rows have arrived.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from importlib import metadata
+from typing import Any
+
+import pyarrow as pa
+
+from curate import __version__
+from curate.config import ModelConfig, PipelineConfig
+from curate.io.reader import ShardRef, read_shard
+from curate.io.writer import (
+    MANIFEST,
+    PIPELINE_FILE,
+    SAMPLES_DIR,
+    SHARD_META_DIR,
+    SHARDS_DIR,
+    RunWriter,
+    done_shards,
+    output_fs,
+    read_shard_metas,
+)
+from curate.schema import STATUSES
+from curate.stages.decode import decode_batch
+from curate.stages.models import CaptionStage, FilterStage, RankStage
+from curate.stages.policy import apply_policy
+from curate.stages.rows import to_table
+
+log = logging.getLogger("curate.pipeline")
+
+PACKAGES = ("curate", "ray", "torch", "transformers", "webdataset", "pyarrow", "duckdb", "pillow", "vllm")
+
+
+class OutputConflictError(RuntimeError):
+    """The output directory holds a run of a different pipeline."""
+
+
+def read_shards_batch(batch: pa.Table, batch_size: int) -> Iterator[pa.Table]:
+    """Ray Data entry point: one row per shard in, a stream of row batches out."""
+    for url, name in zip(batch.column("url").to_pylist(), batch.column("name").to_pylist()):
+        for rows in read_shard(ShardRef(url=url, name=name), batch_size=batch_size):
+            yield to_table(rows)
+
+
+def _actor_args(cfg: ModelConfig) -> dict[str, Any]:
+    return {
+        "batch_size": cfg.batch_size,
+        "concurrency": cfg.concurrency,
+        "num_cpus": cfg.num_cpus,
+        "num_gpus": cfg.num_gpus,
+        "batch_format": "pyarrow",
+        "zero_copy_batch": True,
+    }
+
+
+def build_dataset(cfg: PipelineConfig, shards: list[ShardRef]):
+    """The lazy Ray Dataset of finished rows for ``shards``."""
+    import ray.data
+
+    ds = ray.data.from_items([{"url": s.url, "name": s.name} for s in shards], override_num_blocks=len(shards))
+    ds = ds.map_batches(
+        read_shards_batch,
+        fn_kwargs={"batch_size": cfg.read.batch_size},
+        batch_size=1,
+        batch_format="pyarrow",
+        num_cpus=0.25,
+    )
+    ds = ds.map_batches(
+        decode_batch,
+        fn_kwargs={"cfg": cfg.decode},
+        batch_size=cfg.decode.batch_size,
+        batch_format="pyarrow",
+        num_cpus=cfg.decode.num_cpus,
+    )
+    if cfg.captioner is not None:
+        ds = ds.map_batches(
+            CaptionStage,
+            fn_constructor_kwargs={"cfg": cfg.captioner, "seed": cfg.seed, "error_policy": cfg.error_policy},
+            **_actor_args(cfg.captioner),
+        )
+    if cfg.filter is not None:
+        ds = ds.map_batches(
+            FilterStage,
+            fn_constructor_kwargs={"cfg": cfg.filter, "error_policy": cfg.error_policy},
+            **_actor_args(cfg.filter),
+        )
+    if cfg.ranker is not None:
+        ds = ds.map_batches(
+            RankStage,
+            fn_constructor_kwargs={"cfg": cfg.ranker, "error_policy": cfg.error_policy},
+            **_actor_args(cfg.ranker),
+        )
+    ds = ds.map_batches(
+        apply_policy,
+        fn_kwargs={"policy": cfg.policy, "keep_images": cfg.output.write_shards},
+        batch_size=256,
+        batch_format="pyarrow",
+        num_cpus=0.25,
+    )
+    return ds
+
+
+def init_ray(address: str | None = None, num_cpus: int | None = None) -> str:
+    """Join a cluster (``--ray-address``, RAY_ADDRESS, e.g. inside ``ray job submit``) or start one in-process."""
+    import ray
+
+    if ray.is_initialized():
+        return "existing"
+    address = address or os.environ.get("RAY_ADDRESS")
+    runtime_env = {"env_vars": {k: v for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HOME") if (v := os.environ.get(k))}}
+    if address:
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+        return f"cluster at {address}"
+    # Fractional actor CPUs keep a small machine from deadlocking (read tasks need slots
+    # too), so the embedded Ray advertises at least 4 logical CPUs.
+    cpus = num_cpus or max(4, os.cpu_count() or 1)
+    ray.init(
+        num_cpus=cpus,
+        include_dashboard=False,
+        runtime_env=runtime_env,
+        log_to_driver=True,
+        configure_logging=True,
+        logging_level=logging.WARNING,
+    )
+    return f"embedded local Ray ({cpus} CPUs)"
+
+
+def config_fingerprint(cfg: PipelineConfig) -> str:
+    return hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _package_versions() -> dict[str, str]:
+    out = {}
+    for name in PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def describe_models(cfg: PipelineConfig) -> dict[str, dict]:
+    """Model ids and the revisions they resolve to (commit hash for hub models when cached)."""
+    out = {}
+    for name, m in cfg.models().items():
+        info: dict[str, Any] = {"model": m.model, "revision": m.revision}
+        if os.path.isdir(m.model):
+            info["path"] = os.path.abspath(m.model)
+            weights = os.path.join(m.model, "model.safetensors")
+            if os.path.isfile(weights):
+                st = os.stat(weights)
+                info["weights_bytes"] = st.st_size
+        else:
+            try:
+                from transformers import AutoConfig
+
+                conf = AutoConfig.from_pretrained(m.model, revision=m.revision, trust_remote_code=m.trust_remote_code)
+                info["resolved_revision"] = getattr(conf, "_commit_hash", None)
+            except Exception as exc:  # recorded, not fatal: actors will report a real load error
+                info["resolved_revision"] = None
+                info["lookup_error"] = str(exc)[:200]
+        out[name] = info
+    return out
+
+
+@dataclass
+class RunResult:
+    output: str
+    shards_total: int
+    shards_skipped: int
+    shards_processed: int
+    counts: dict[str, int] = field(default_factory=dict)
+    wall_s: float = 0.0
+    samples_processed: int = 0
+    unreadable_shards: list[str] = field(default_factory=list)
+    nothing_to_do: bool = False
+
+    @property
+    def samples_per_s(self) -> float:
+        return self.samples_processed / self.wall_s if self.wall_s > 0 else 0.0
+
+    @property
+    def all_unreadable(self) -> bool:
+        return self.shards_processed > 0 and len(self.unreadable_shards) == self.shards_processed
+
+
+def prepare_output(output: str, cfg: PipelineConfig, overwrite: bool) -> None:
+    """Create the layout, refuse to mix pipelines, clear temp files of a crashed run."""
+    fs, root = output_fs(output)
+    if overwrite:
+        for sub in (SAMPLES_DIR, SHARDS_DIR, SHARD_META_DIR):
+            if fs.exists(f"{root}/{sub}"):
+                fs.rm(f"{root}/{sub}", recursive=True)
+        for name in (MANIFEST, PIPELINE_FILE):
+            if fs.exists(f"{root}/{name}"):
+                fs.rm(f"{root}/{name}")
+    fs.makedirs(root, exist_ok=True)
+    marker = f"{root}/{PIPELINE_FILE}"
+    fingerprint = config_fingerprint(cfg)
+    if fs.exists(marker):
+        with fs.open(marker, "rb") as f:
+            previous = json.loads(f.read())
+        if previous.get("fingerprint") != fingerprint:
+            raise OutputConflictError(
+                f"{output} holds a run of a different pipeline configuration "
+                f"({previous.get('name')!r}, fingerprint {previous.get('fingerprint')}); "
+                "resume with the same pipeline and overrides, choose another --output, or pass --overwrite"
+            )
+    else:
+        with fs.open(marker, "wb") as f:
+            f.write(json.dumps({"name": cfg.name, "fingerprint": fingerprint, "pipeline": cfg.to_dict()}).encode())
+    for sub in (SAMPLES_DIR, SHARDS_DIR, SHARD_META_DIR):
+        path = f"{root}/{sub}"
+        fs.makedirs(path, exist_ok=True)
+        for p in fs.ls(path, detail=False):
+            if ".tmp-" in p.rsplit("/", 1)[-1]:
+                fs.rm(p)
+
+
+def run_pipeline(
+    cfg: PipelineConfig,
+    shards: list[ShardRef],
+    output: str,
+    overwrite: bool = False,
+    on_shard: Callable[[dict], None] | None = None,
+) -> RunResult:
+    """Process every shard not yet done under ``output`` and write the manifest. Ray must be initialised."""
+    started = time.time()
+    started_at = datetime.now(UTC).isoformat(timespec="seconds")
+    prepare_output(output, cfg, overwrite)
+    done = done_shards(output)
+    todo = [s for s in shards if s.name not in done]
+    result = RunResult(
+        output=output,
+        shards_total=len(shards),
+        shards_skipped=len(shards) - len(todo),
+        shards_processed=len(todo),
+    )
+    if not todo:
+        result.nothing_to_do = True
+    else:
+        writer = RunWriter(output, todo, write_tars=cfg.output.write_shards)
+        ds = build_dataset(cfg, todo)
+        try:
+            for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+                for meta in writer.add_rows(batch.to_pylist()):
+                    result.samples_processed += meta["samples"]
+                    if meta["fault"] and meta["samples"] == 0:
+                        result.unreadable_shards.append(meta["shard"])
+                    if on_shard:
+                        on_shard(meta)
+        finally:
+            writer.close()
+    result.wall_s = time.time() - started
+    manifest = write_manifest(output, cfg, shards, result, started_at)
+    result.counts = manifest["counts"]
+    return result
+
+
+def write_manifest(
+    output: str, cfg: PipelineConfig, shards: list[ShardRef], result: RunResult, started_at: str
+) -> dict:
+    """Counts are summed over every finished shard, this run's and earlier runs'."""
+    fs, root = output_fs(output)
+    metas = read_shard_metas(output)
+    names = {s.name for s in shards}
+    counts = Counter({s: 0 for s in STATUSES})
+    reasons: Counter = Counter()
+    for name, meta in metas.items():
+        if name not in names:
+            continue
+        for s in STATUSES:
+            counts[s] += meta.get(s, 0)
+        reasons.update(meta.get("reasons", {}))
+    counts_d = dict(counts)
+    counts_d["total"] = sum(counts[s] for s in STATUSES)
+    previous: dict = {}
+    if fs.exists(f"{root}/{MANIFEST}"):
+        try:
+            with fs.open(f"{root}/{MANIFEST}", "rb") as f:
+                previous = json.loads(f.read())
+        except (OSError, ValueError):
+            previous = {}
+    this_run = {
+        "started_at": started_at,
+        "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "wall_s": round(result.wall_s, 3),
+        "shards_processed": result.shards_processed,
+        "shards_skipped": result.shards_skipped,
+        "samples_processed": result.samples_processed,
+        "samples_per_s": round(result.samples_per_s, 3),
+    }
+    manifest = {
+        "curate_version": __version__,
+        "pipeline": cfg.to_dict(),
+        "pipeline_fingerprint": config_fingerprint(cfg),
+        "input": [s.url for s in shards],
+        "output": output if "://" in output else os.path.abspath(output),
+        "models": describe_models(cfg),
+        "packages": _package_versions(),
+        "counts": counts_d,
+        "reasons": dict(reasons),
+        "shards": {n: {k: v for k, v in m.items() if k != "shard"} for n, m in metas.items() if n in names},
+        "started_at": previous.get("started_at", started_at),
+        "finished_at": this_run["finished_at"],
+        "wall_s": this_run["wall_s"],
+        "samples_per_s": this_run["samples_per_s"],
+        "runs": [*previous.get("runs", []), this_run],
+    }
+    tmp = f"{root}/.{MANIFEST}.tmp"
+    with fs.open(tmp, "wb") as f:
+        f.write(json.dumps(manifest, indent=2).encode())
+    fs.mv(tmp, f"{root}/{MANIFEST}")
+    return manifest

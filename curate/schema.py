@@ -1,0 +1,115 @@
+"""The output contract: one Parquet row per input sample.
+
+Column names here are read by DuckDB users, the training stage and outside checks.
+Extend the schema; never rename or drop a column.
+
+samples/*.parquet
+    key          str    sample key inside its shard (img2dataset's ``KEY``)
+    shard        str    shard name (input tar file stem, made unique)
+    status       str    'kept' | 'dropped' | 'error'
+    reason       str    why a sample was dropped (null unless dropped)
+    error        str    error message (null unless status is 'error')
+    alt_text     str    the original text (``KEY.txt``), null when missing
+    width        int32  decoded image width (null when it could not be decoded)
+    height       int32  decoded image height
+    caption      str    the best kept caption (null unless kept)
+    captions     list<str>  every kept caption, best first
+    candidates   list<struct<text, source, itm_score, clip_score, kept>>
+                 every text that was scored: source is 'alt' or 'synthetic'
+                 (later recipes add sources such as 'kale')
+    url          str    ``url`` from ``KEY.json`` when present
+    image_ext    str    extension of the image member ('jpg', 'png', ...)
+    image_sha256 str    sha256 of the original image bytes
+    source_url   str    the input tar the sample came from
+    meta         str    the original ``KEY.json`` text (null when absent)
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+STATUS_KEPT = "kept"
+STATUS_DROPPED = "dropped"
+STATUS_ERROR = "error"
+STATUSES = (STATUS_KEPT, STATUS_DROPPED, STATUS_ERROR)
+
+SOURCE_ALT = "alt"
+SOURCE_SYNTHETIC = "synthetic"
+
+CANDIDATE_TYPE = pa.struct(
+    [
+        pa.field("text", pa.string()),
+        pa.field("source", pa.string()),
+        pa.field("itm_score", pa.float32()),
+        pa.field("clip_score", pa.float32()),
+        pa.field("kept", pa.bool_()),
+    ]
+)
+
+SAMPLES_SCHEMA = pa.schema(
+    [
+        pa.field("key", pa.string(), nullable=False),
+        pa.field("shard", pa.string(), nullable=False),
+        pa.field("status", pa.string(), nullable=False),
+        pa.field("reason", pa.string()),
+        pa.field("error", pa.string()),
+        pa.field("alt_text", pa.string()),
+        pa.field("width", pa.int32()),
+        pa.field("height", pa.int32()),
+        pa.field("caption", pa.string()),
+        pa.field("captions", pa.list_(pa.string())),
+        pa.field("candidates", pa.list_(CANDIDATE_TYPE)),
+        pa.field("url", pa.string()),
+        pa.field("image_ext", pa.string()),
+        pa.field("image_sha256", pa.string()),
+        pa.field("source_url", pa.string()),
+        pa.field("meta", pa.string()),
+    ]
+)
+
+# Rows travel between pipeline stages with this schema. ``candidates`` is JSON text
+# there (schema-free while stages add fields); the writer turns it into the typed list.
+# ``image`` holds the original bytes; ``pixels`` the decoded RGB (uint8, row-major,
+# downscaled to the decode stage's ``max_side``) with its shape in ``pixels_width`` and
+# ``pixels_height``; ``width``/``height`` stay the original image size.
+ROW_SAMPLE = "sample"
+ROW_SHARD_END = "shard_end"
+
+INTERNAL_SCHEMA = pa.schema(
+    [
+        pa.field("row_type", pa.string()),
+        pa.field("key", pa.string()),
+        pa.field("shard", pa.string()),
+        pa.field("seq", pa.int64()),
+        pa.field("status", pa.string()),
+        pa.field("reason", pa.string()),
+        pa.field("error", pa.string()),
+        pa.field("alt_text", pa.string()),
+        pa.field("width", pa.int32()),
+        pa.field("height", pa.int32()),
+        pa.field("caption", pa.string()),
+        pa.field("captions", pa.list_(pa.string())),
+        pa.field("candidates", pa.string()),
+        pa.field("url", pa.string()),
+        pa.field("image_ext", pa.string()),
+        pa.field("image_sha256", pa.string()),
+        pa.field("source_url", pa.string()),
+        pa.field("meta", pa.string()),
+        pa.field("image", pa.binary()),
+        pa.field("pixels", pa.binary()),
+        pa.field("pixels_width", pa.int32()),
+        pa.field("pixels_height", pa.int32()),
+        # shard_end rows only: how many samples the shard held and what went wrong
+        # while reading it (a truncated tar, a file that is not a tar).
+        pa.field("shard_total", pa.int64()),
+        pa.field("shard_error", pa.string()),
+    ]
+)
+
+# status used inside the pipeline for samples still being processed
+STATUS_PENDING = "pending"
+
+
+def empty_row() -> dict:
+    """A row of the internal schema with every field null."""
+    return {name: None for name in INTERNAL_SCHEMA.names}

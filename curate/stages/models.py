@@ -1,0 +1,169 @@
+"""Model stages: callable classes Ray Data runs as actor pools.
+
+Each loads its wrapper once in ``__init__`` and transforms a batch in ``__call__``.
+When the model raises on a batch, the batch is retried sample by sample so one
+poison sample cannot take its neighbours down; what still fails becomes that row's
+error (or is re-raised with ``error_policy: raise``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Callable
+
+import pyarrow as pa
+
+from curate.config import CaptionerConfig, FilterConfig, RankerConfig
+from curate.models.base import LoadOptions
+from curate.schema import SOURCE_SYNTHETIC
+from curate.stages.decode import row_image
+from curate.stages.rows import fail, get_candidates, is_pending, set_candidates, to_rows, to_table
+
+log = logging.getLogger("curate.stages")
+
+
+def _quiet_transformers() -> None:
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except Exception:  # pragma: no cover - cosmetic only
+        pass
+
+
+def load_options(cfg: CaptionerConfig | FilterConfig | RankerConfig) -> LoadOptions:
+    return LoadOptions(
+        model=cfg.model,
+        revision=cfg.revision,
+        trust_remote_code=cfg.trust_remote_code,
+        allow_pickle_weights=cfg.allow_pickle_weights,
+    )
+
+
+def batch_seed(seed: int, keys: list[str]) -> int:
+    """A sampling seed fixed by the run seed and the batch's keys: reruns repeat captions."""
+    digest = hashlib.sha256(("\n".join([str(seed), *keys])).encode()).digest()
+    return int.from_bytes(digest[:4], "little")
+
+
+class _ModelStage:
+    name = "model"
+
+    def __init__(self, error_policy: str = "capture") -> None:
+        self.error_policy = error_policy
+
+    def process(self, rows: list[dict]) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _run_with_retry(self, rows: list[dict], fn: Callable[[list[dict]], None]) -> None:
+        try:
+            fn(rows)
+            return
+        except Exception as exc:
+            if self.error_policy == "raise" or len(rows) == 1:
+                if self.error_policy == "raise":
+                    raise
+                fail(rows[0], f"{self.name}: {type(exc).__name__}: {exc}")
+                return
+            log.warning("%s failed on a batch of %d (%s); retrying one by one", self.name, len(rows), exc)
+        for row in rows:
+            try:
+                fn([row])
+            except Exception as exc:
+                fail(row, f"{self.name}: {type(exc).__name__}: {exc}")
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = to_rows(batch)
+        todo = [r for r in rows if is_pending(r)]
+        if todo:
+            self._run_with_retry(todo, self.process)
+        return to_table(rows)
+
+
+class CaptionStage(_ModelStage):
+    """Adds ``num_captions`` synthetic candidates per image."""
+
+    name = "captioner"
+
+    def __init__(self, cfg: CaptionerConfig, seed: int = 0, error_policy: str = "capture") -> None:
+        super().__init__(error_policy)
+        from curate.models.captioner import Captioner, GenerationSettings
+
+        _quiet_transformers()
+        settings = GenerationSettings(
+            num_captions=cfg.num_captions,
+            decoding=cfg.decoding,
+            top_p=cfg.top_p,
+            temperature=cfg.temperature,
+            max_new_tokens=cfg.max_new_tokens,
+            min_new_tokens=cfg.min_new_tokens,
+            num_beams=cfg.num_beams,
+            repetition_penalty=cfg.repetition_penalty,
+            prompt=cfg.prompt,
+            dedupe=cfg.dedupe,
+        )
+        self.seed = seed
+        self.batch_size = cfg.batch_size
+        self.model = Captioner(load_options(cfg), settings, device=cfg.device, dtype=cfg.dtype)
+
+    def process(self, rows: list[dict]) -> None:
+        for start in range(0, len(rows), self.batch_size):
+            chunk = rows[start : start + self.batch_size]
+            seed = batch_seed(self.seed, [f"{r['shard']}/{r['key']}" for r in chunk])
+            captions = self.model([row_image(r) for r in chunk], seed=seed)
+            for row, texts in zip(chunk, captions):
+                candidates = get_candidates(row)
+                known = {c["text"].lower() for c in candidates}
+                for text in texts:
+                    if text.lower() in known:
+                        continue  # a synthetic caption equal to the alt-text adds nothing
+                    known.add(text.lower())
+                    candidates.append(
+                        {"text": text, "source": SOURCE_SYNTHETIC, "itm_score": None, "clip_score": None}
+                    )
+                set_candidates(row, candidates)
+
+
+class _ScoreStage(_ModelStage):
+    field = "score"
+
+    def process(self, rows: list[dict]) -> None:
+        for start in range(0, len(rows), self.batch_size):
+            chunk = rows[start : start + self.batch_size]
+            cands = [get_candidates(r) for r in chunk]
+            scores = self.model([row_image(r) for r in chunk], [[c["text"] for c in cs] for cs in cands])
+            for row, cs, ss in zip(chunk, cands, scores):
+                for c, s in zip(cs, ss):
+                    c[self.field] = float(s)
+                set_candidates(row, cs)
+
+
+class FilterStage(_ScoreStage):
+    """Scores every candidate with the ITM head (P(match))."""
+
+    name = "filter"
+    field = "itm_score"
+
+    def __init__(self, cfg: FilterConfig, error_policy: str = "capture") -> None:
+        super().__init__(error_policy)
+        from curate.models.itm import ITMFilter
+
+        _quiet_transformers()
+        self.batch_size = cfg.batch_size
+        self.model = ITMFilter(load_options(cfg), device=cfg.device, dtype=cfg.dtype, batch_size=cfg.batch_size)
+
+
+class RankStage(_ScoreStage):
+    """Scores every candidate with CLIP cosine similarity."""
+
+    name = "ranker"
+    field = "clip_score"
+
+    def __init__(self, cfg: RankerConfig, error_policy: str = "capture") -> None:
+        super().__init__(error_policy)
+        from curate.models.clip import ClipRanker
+
+        _quiet_transformers()
+        self.batch_size = cfg.batch_size
+        self.model = ClipRanker(load_options(cfg), device=cfg.device, dtype=cfg.dtype, batch_size=cfg.batch_size)

@@ -1,0 +1,48 @@
+"""Batches travel as Arrow tables of ``INTERNAL_SCHEMA``; stages work on row dicts."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pyarrow as pa
+
+from curate.schema import INTERNAL_SCHEMA, ROW_SAMPLE, STATUS_PENDING
+
+
+def to_rows(batch: pa.Table | dict[str, Any]) -> list[dict]:
+    if isinstance(batch, pa.Table):
+        return batch.to_pylist()
+    # numpy/pandas-like dict of columns
+    names = list(batch)
+    n = len(batch[names[0]]) if names else 0
+    return [{name: _py(batch[name][i]) for name in names} for i in range(n)]
+
+
+def _py(value: Any) -> Any:
+    return value.item() if hasattr(value, "item") and getattr(value, "ndim", 1) == 0 else value
+
+
+def to_table(rows: list[dict]) -> pa.Table:
+    return pa.Table.from_pylist(rows, schema=INTERNAL_SCHEMA)
+
+
+def is_pending(row: dict) -> bool:
+    return row["row_type"] == ROW_SAMPLE and row["status"] == STATUS_PENDING
+
+
+def get_candidates(row: dict) -> list[dict]:
+    return json.loads(row["candidates"]) if row.get("candidates") else []
+
+
+def set_candidates(row: dict, candidates: list[dict]) -> None:
+    row["candidates"] = json.dumps(candidates, ensure_ascii=False)
+
+
+def fail(row: dict, message: str) -> None:
+    from curate.schema import STATUS_ERROR
+
+    row["status"] = STATUS_ERROR
+    row["error"] = message
+    row["pixels"] = None
+    row["image"] = None
