@@ -76,7 +76,9 @@ def build_dataset(cfg: PipelineConfig, shards: list[ShardRef]):
     """The lazy Ray Dataset of finished rows for ``shards``."""
     import ray.data
 
-    ds = ray.data.from_items([{"url": s.url, "name": s.name} for s in shards], override_num_blocks=len(shards))
+    ds = ray.data.from_items(
+        [{"url": s.url, "name": s.name} for s in shards], override_num_blocks=len(shards)
+    )
     ds = ds.map_batches(
         read_shards_batch,
         fn_kwargs={"batch_size": cfg.read.batch_size},
@@ -120,23 +122,25 @@ def build_dataset(cfg: PipelineConfig, shards: list[ShardRef]):
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> str:
-    """Join a cluster (``--ray-address``, RAY_ADDRESS, e.g. inside ``ray job submit``) or start one in-process."""
+    """Join a cluster (``--ray-address`` or RAY_ADDRESS, set inside ``ray job submit``) or start one here."""
     import ray
 
     if ray.is_initialized():
         return "existing"
     address = address or os.environ.get("RAY_ADDRESS")
-    runtime_env = {"env_vars": {k: v for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HOME") if (v := os.environ.get(k))}}
     if address:
-        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+        # the cluster's nodes (or the job's runtime env) own HF_HOME and offline settings
+        ray.init(address=address, log_to_driver=True)
         return f"cluster at {address}"
+    env = {k: v for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HOME") if (v := os.environ.get(k))}
     # Fractional actor CPUs keep a small machine from deadlocking (read tasks need slots
     # too), so the embedded Ray advertises at least 4 logical CPUs.
     cpus = num_cpus or max(4, os.cpu_count() or 1)
     ray.init(
+        address="local",  # never join a `ray start` cluster that happens to run here
         num_cpus=cpus,
         include_dashboard=False,
-        runtime_env=runtime_env,
+        runtime_env={"env_vars": env},
         log_to_driver=True,
         configure_logging=True,
         logging_level=logging.WARNING,
@@ -144,8 +148,17 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> str:
     return f"embedded local Ray ({cpus} CPUs)"
 
 
+# where and how fast a stage runs does not change what it writes
+EXECUTION_FIELDS = frozenset({"device", "batch_size", "num_gpus", "num_cpus", "concurrency"})
+
+
 def config_fingerprint(cfg: PipelineConfig) -> str:
-    return hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+    """Identifies what a pipeline writes; resuming with other resources is allowed."""
+    data = cfg.to_dict()
+    for section in ("captioner", "filter", "ranker", "read", "decode"):
+        if isinstance(data.get(section), dict):
+            data[section] = {k: v for k, v in data[section].items() if k not in EXECUTION_FIELDS}
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _package_versions() -> dict[str, str]:
@@ -173,7 +186,9 @@ def describe_models(cfg: PipelineConfig) -> dict[str, dict]:
             try:
                 from transformers import AutoConfig
 
-                conf = AutoConfig.from_pretrained(m.model, revision=m.revision, trust_remote_code=m.trust_remote_code)
+                conf = AutoConfig.from_pretrained(
+                    m.model, revision=m.revision, trust_remote_code=m.trust_remote_code
+                )
                 info["resolved_revision"] = getattr(conf, "_commit_hash", None)
             except Exception as exc:  # recorded, not fatal: actors will report a real load error
                 info["resolved_revision"] = None
@@ -227,7 +242,9 @@ def prepare_output(output: str, cfg: PipelineConfig, overwrite: bool) -> None:
             )
     else:
         with fs.open(marker, "wb") as f:
-            f.write(json.dumps({"name": cfg.name, "fingerprint": fingerprint, "pipeline": cfg.to_dict()}).encode())
+            f.write(
+                json.dumps({"name": cfg.name, "fingerprint": fingerprint, "pipeline": cfg.to_dict()}).encode()
+            )
     for sub in (SAMPLES_DIR, SHARDS_DIR, SHARD_META_DIR):
         path = f"{root}/{sub}"
         fs.makedirs(path, exist_ok=True)

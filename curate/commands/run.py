@@ -33,11 +33,46 @@ def register(sub: argparse._SubParsersAction) -> None:
         metavar="KEY=VALUE",
         help="override a pipeline field, e.g. --set captioner.num_captions=5 (YAML values); repeatable",
     )
-    p.add_argument("--overwrite", action="store_true", help="delete this output's previous results and start fresh")
-    p.add_argument("--ray-address", default=None, help="Ray cluster to join (default: RAY_ADDRESS or embedded)")
+    p.add_argument(
+        "--overwrite", action="store_true", help="delete this output's previous results and start fresh"
+    )
+    p.add_argument(
+        "--ray-address", default=None, help="Ray cluster to join (default: RAY_ADDRESS or embedded)"
+    )
     p.add_argument("--num-cpus", type=int, default=None, help="logical CPUs of the embedded Ray")
     p.add_argument("--quiet", "-q", action="store_true", help="no per-shard lines")
     p.set_defaults(func=cmd_run)
+
+
+def resolve_local_models(cfg, pipeline_path: str) -> None:
+    """A relative model path that exists here becomes absolute, so actors anywhere find it.
+
+    Looked up against the current directory, then the pipeline file's directory; anything
+    else is left as a Hugging Face id.
+    """
+    for m in cfg.models().values():
+        if os.path.isabs(m.model):
+            continue
+        for base in (os.getcwd(), os.path.dirname(os.path.abspath(pipeline_path))):
+            candidate = os.path.join(base, m.model)
+            if os.path.isdir(candidate):
+                m.model = os.path.abspath(candidate)
+                break
+
+
+def gpu_shortfall(cfg) -> str | None:
+    """Stages that declare GPUs on a cluster that has none would wait forever: say so."""
+    import ray
+
+    need = {name: m.num_gpus for name, m in cfg.models().items() if m.num_gpus > 0}
+    if not need:
+        return None
+    have = ray.cluster_resources().get("GPU", 0)
+    if have > 0:
+        return None
+    stages = ", ".join(f"{n}.num_gpus={g:g}" for n, g in need.items())
+    fix = " ".join(f"--set {n}.num_gpus=0 --set {n}.device=cpu" for n in need)
+    return f"the pipeline declares GPUs ({stages}) but the Ray cluster has none; to run on CPU: {fix}"
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -53,22 +88,31 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"curate run: error: {exc}", file=sys.stderr)
         return 2
     shards = shard_refs(urls)
+    resolve_local_models(cfg, args.pipeline)
     output = args.output
+    in_job = bool(os.environ.get("RAY_JOB_ID") or os.environ.get("RAY_JOB_SUBMISSION_ID"))
     if "://" not in output:
-        if os.environ.get("RAY_JOB_ID") or os.environ.get("RAY_JOB_SUBMISSION_ID"):
-            if not os.path.isabs(output):
-                print(
-                    f"curate run: warning: relative --output {output!r} inside a Ray job resolves against the "
-                    f"job's unpacked working dir ({os.getcwd()}); pass an absolute path or a URL to find it later",
-                    file=sys.stderr,
-                )
+        if in_job and not os.path.isabs(output):
+            print(
+                f"curate run: warning: relative --output {output!r} inside a Ray job resolves against "
+                f"the job's unpacked working dir ({os.getcwd()}); pass an absolute path or a URL",
+                file=sys.stderr,
+            )
         output = os.path.abspath(output)
 
     from curate.pipeline import OutputConflictError, init_ray, run_pipeline
 
     started = time.time()
     where = init_ray(args.ray_address, args.num_cpus)
-    print(f"curate run: pipeline {cfg.name!r}, {len(shards)} shard(s) -> {output} on {where}", file=sys.stderr)
+    problem = gpu_shortfall(cfg)
+    if problem:
+        if where.startswith("embedded"):
+            print(f"curate run: error: {problem}", file=sys.stderr)
+            return 2
+        print(f"curate run: warning: {problem}; waiting for the autoscaler to add GPU nodes", file=sys.stderr)
+    print(
+        f"curate run: pipeline {cfg.name!r}, {len(shards)} shard(s) -> {output} on {where}", file=sys.stderr
+    )
 
     def on_shard(meta: dict) -> None:
         if args.quiet:
@@ -91,9 +135,9 @@ def cmd_run(args: argparse.Namespace) -> int:
             "(--overwrite starts fresh)"
         )
     else:
-        c = result.counts
         print(
-            f"curate run: done in {time.time() - started:.1f}s: {result.shards_processed} shard(s) processed, "
+            f"curate run: done in {time.time() - started:.1f}s: "
+            f"{result.shards_processed} shard(s) processed, "
             f"{result.shards_skipped} already done; {result.samples_processed} samples at "
             f"{result.samples_per_s:.2f} samples/s"
         )

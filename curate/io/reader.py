@@ -152,6 +152,22 @@ def split_member_name(name: str) -> tuple[str, str]:
     return key, ext.lower() if dot else ""
 
 
+class _CutAwareTarInfo(tarfile.TarInfo):
+    """Notes a stream that stops inside a header or before the end-of-archive block.
+
+    tarfile ends the member loop there quietly, as if the archive were complete, so a
+    tar cut between members would silently lose the last sample's remaining members.
+    """
+
+    @classmethod
+    def fromtarfile(cls, tar):
+        try:
+            return super().fromtarfile(tar)
+        except (tarfile.EmptyHeaderError, tarfile.TruncatedHeaderError):
+            tar.curate_cut = True
+            raise
+
+
 def iter_tar_groups(fileobj) -> Iterator[tuple[str, dict[str, bytes], list[str]]]:
     """Yield (key, {ext: bytes}, problems) for consecutive tar members sharing a key.
 
@@ -161,23 +177,34 @@ def iter_tar_groups(fileobj) -> Iterator[tuple[str, dict[str, bytes], list[str]]
     current_key: str | None = None
     files: dict[str, bytes] = {}
     problems: list[str] = []
-    with tarfile.open(fileobj=fileobj, mode="r|*") as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            key, ext = split_member_name(member.name)
-            if key != current_key:
-                if current_key is not None:
-                    yield current_key, files, problems
-                current_key, files, problems = key, {}, []
-            f = tar.extractfile(member)
-            data = f.read() if f is not None else b""
-            if ext in files:
-                problems.append(f"member {member.name!r} repeats extension {ext!r}")
-                continue
-            files[ext] = data
+    try:
+        with tarfile.open(fileobj=fileobj, mode="r|*") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                key, ext = split_member_name(member.name)
+                if key != current_key:
+                    if current_key is not None:
+                        yield current_key, files, problems
+                    current_key, files, problems = key, {}, []
+                f = tar.extractfile(member)
+                data = f.read() if f is not None else b""
+                if ext in files:
+                    problems.append(f"member {member.name!r} repeats extension {ext!r}")
+                    continue
+                files[ext] = data
+    except (tarfile.TarError, EOFError, OSError) as exc:
         if current_key is not None:
-            yield current_key, files, problems
+            # the sample being read when the tar broke is accounted for, as an error
+            yield (
+                current_key,
+                {},
+                [f"sample cut off where the tar became unreadable ({type(exc).__name__}: {exc})"],
+            )
+            current_key = None
+        raise
+    if current_key is not None:
+        yield current_key, files, problems
 
 
 def sample_row(key: str, files: dict[str, bytes], problems: list[str], shard: ShardRef, seq: int) -> dict:

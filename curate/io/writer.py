@@ -138,8 +138,9 @@ class ShardWriter:
         self._tar_file = None
         self._tar = None
         if self.write_tar:
+            # both stay open across add() calls; closed in finish() or abort()
             self._tar_file = self.fs.open(self._tar_tmp, "wb")
-            self._tar = tarfile.open(fileobj=self._tar_file, mode="w", format=tarfile.PAX_FORMAT)
+            self._tar = tarfile.open(fileobj=self._tar_file, mode="w", format=tarfile.PAX_FORMAT)  # noqa: SIM115
         self._names: set[str] = set()
 
     def add(self, row: dict) -> None:
@@ -196,7 +197,9 @@ class ShardWriter:
             "fault": self.fault,
             "wall_s": round(time.time() - self.started, 3),
         }
-        _write_atomic(self.fs, f"{base}/{SHARD_META_DIR}/{self.shard.name}.json", json.dumps(meta, indent=1).encode())
+        _write_atomic(
+            self.fs, f"{base}/{SHARD_META_DIR}/{self.shard.name}.json", json.dumps(meta, indent=1).encode()
+        )
         token = uuid.uuid4().hex[:8]
         tmp = f"{base}/{SAMPLES_DIR}/.{self.shard.name}.parquet.tmp-{token}"
         with self.fs.open(tmp, "wb") as f:

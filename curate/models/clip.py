@@ -32,7 +32,9 @@ class ClipRanker:
             model = transformers.AutoModel.from_pretrained(load.model, **load.model_kwargs())
             if not hasattr(model, "get_image_features") or not hasattr(model, "get_text_features"):
                 raise ValueError(f"{type(model).__name__} is not a dual encoder (no get_image_features)")
-            self.image_processor = transformers.AutoImageProcessor.from_pretrained(load.model, **load.kwargs())
+            self.image_processor = transformers.AutoImageProcessor.from_pretrained(
+                load.model, **load.kwargs()
+            )
             self.tokenizer = transformers.AutoTokenizer.from_pretrained(load.model, **load.kwargs())
         except Exception as exc:
             raise load_error("CLIP ranker", load, exc) from exc
@@ -44,7 +46,9 @@ class ClipRanker:
     @torch.inference_mode()
     def embed_images(self, images: list[Image.Image]) -> torch.Tensor:
         pixel_values = self.image_processor(images=images, return_tensors="pt")["pixel_values"]
-        feats = _features(self.model.get_image_features(pixel_values=pixel_values.to(self.device, self.dtype)))
+        feats = _features(
+            self.model.get_image_features(pixel_values=pixel_values.to(self.device, self.dtype))
+        )
         return torch.nn.functional.normalize(feats.float(), dim=-1)
 
     @torch.inference_mode()

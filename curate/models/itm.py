@@ -32,7 +32,9 @@ class ITMFilter:
         try:
             config = transformers.AutoConfig.from_pretrained(load.model, **load.kwargs())
             if config.model_type != "blip":
-                raise ValueError(f"the ITM filter needs a BLIP retrieval model, got model_type={config.model_type!r}")
+                raise ValueError(
+                    f"the ITM filter needs a BLIP retrieval model, got model_type={config.model_type!r}"
+                )
             model = transformers.BlipForImageTextRetrieval.from_pretrained(load.model, **load.model_kwargs())
             self.processor = transformers.AutoProcessor.from_pretrained(load.model, **load.kwargs())
         except Exception as exc:

@@ -151,7 +151,9 @@ class FilterStage(_ScoreStage):
 
         _quiet_transformers()
         self.batch_size = cfg.batch_size
-        self.model = ITMFilter(load_options(cfg), device=cfg.device, dtype=cfg.dtype, batch_size=cfg.batch_size)
+        self.model = ITMFilter(
+            load_options(cfg), device=cfg.device, dtype=cfg.dtype, batch_size=cfg.batch_size
+        )
 
 
 class RankStage(_ScoreStage):
@@ -166,4 +168,6 @@ class RankStage(_ScoreStage):
 
         _quiet_transformers()
         self.batch_size = cfg.batch_size
-        self.model = ClipRanker(load_options(cfg), device=cfg.device, dtype=cfg.dtype, batch_size=cfg.batch_size)
+        self.model = ClipRanker(
+            load_options(cfg), device=cfg.device, dtype=cfg.dtype, batch_size=cfg.batch_size
+        )

@@ -38,7 +38,9 @@ def decide(candidates: list[dict], policy: PolicyConfig) -> tuple[list[dict], st
         if not pool:
             return [], "itm_below_threshold"
     if policy.min_clip_score is not None:
-        pool = [c for c in pool if c.get("clip_score") is not None and c["clip_score"] >= policy.min_clip_score]
+        pool = [
+            c for c in pool if c.get("clip_score") is not None and c["clip_score"] >= policy.min_clip_score
+        ]
         if not pool:
             return [], "clip_below_threshold"
     pool.sort(key=_sort_key)

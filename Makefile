@@ -1,0 +1,52 @@
+# The README's commands. `make demo` and `make test` work on a fresh machine: they
+# create .venv, install torch's CPU wheel first (so no CUDA build is pulled in), then
+# the project.
+PYTHON ?= python3.11
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH ?= torch==2.13.0
+DEMO_SHARDS ?= 4
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: setup demo demo-data demo-models test test-deps lint format clean-demo
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet $(TORCH)
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $@
+
+demo-models: setup
+	test -f .cache/demo-models/clip/model.safetensors || $(BIN)/python -m curate.tiny_models .cache/demo-models
+
+demo-data: setup
+	test -f data/openclipart/_fetch_report.json || \
+		$(BIN)/curate data fetch openclipart --output data/openclipart --limit $$(( $(DEMO_SHARDS) * 100 )) --shard-size 100
+
+# A demo curation run on an embedded local Ray: real openclipart clip art and alt-text,
+# the BLIP-2 ranking + CapFilt filter recipe, small offline models.
+demo: demo-models demo-data
+	$(BIN)/curate run pipelines/demo.yaml --input 'data/openclipart/*.tar' --output out/demo
+	$(BIN)/curate stats out/demo
+
+clean-demo:
+	rm -rf out/demo
+
+# Browser tests of the HTML report need Debian's chromium; installed when we are root.
+test-deps:
+	@test -x /usr/bin/chromium || { [ "$$(id -u)" = 0 ] && (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) || echo "chromium not installed: report screenshot tests will skip"; }
+
+test: setup test-deps
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/pytest -q
+
+lint: setup
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+format: setup
+	$(BIN)/ruff format . && $(BIN)/ruff check --fix .

@@ -1,0 +1,87 @@
+"""Reusable builders for test inputs: encoded images and img2dataset-layout tars."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+PIL_FORMATS = {"jpg": "JPEG", "jpeg": "JPEG", "png": "PNG", "webp": "WEBP", "gif": "GIF", "bmp": "BMP"}
+
+
+def encode_image(img: Image.Image, fmt: str = "png", **save_kwargs: Any) -> bytes:
+    """Encode a PIL image; ``fmt`` is a file extension ('jpg', 'png', ...) or a PIL format name."""
+    buf = io.BytesIO()
+    img.save(buf, format=PIL_FORMATS.get(fmt.lower(), fmt), **save_kwargs)
+    return buf.getvalue()
+
+
+def noise_image(width: int, height: int, seed: int = 0, mode: str = "RGB") -> Image.Image:
+    """A random RGB (or converted) image: distinct pixels so resizes and crops show."""
+    rng = np.random.default_rng(seed)
+    img = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8), "RGB")
+    return img if mode == "RGB" else img.convert(mode)
+
+
+def image_bytes(width: int = 16, height: int = 12, fmt: str = "png", seed: int = 0) -> bytes:
+    return encode_image(noise_image(width, height, seed), fmt)
+
+
+def _as_bytes(value: Any) -> bytes:
+    if isinstance(value, bytes):
+        return value
+    if isinstance(value, str):
+        return value.encode("utf-8")
+    return json.dumps(value).encode("utf-8")
+
+
+def sample_members(sample: dict[str, Any]) -> list[tuple[str, bytes]]:
+    """Tar members of one sample dict, in img2dataset order (image, txt, json, extras).
+
+    Keys of ``sample``:
+        key      the sample key (may contain '/' for a directory prefix)
+        image    bytes, or a PIL image encoded with ``format`` (default 'jpg'); None: no image
+        format   the image member's extension (default 'jpg')
+        txt      str (UTF-8 encoded) or bytes; absent/None: no .txt member
+        json     dict (dumped), str or bytes; absent/None: no .json member
+        extra    {member suffix after the key's dot: bytes|str}, e.g. {"exif": b"..."}
+    """
+    key = sample["key"]
+    fmt = sample.get("format", "jpg")
+    members: list[tuple[str, bytes]] = []
+    image = sample.get("image")
+    if image is not None:
+        data = encode_image(image, fmt) if isinstance(image, Image.Image) else image
+        members.append((f"{key}.{fmt}", data))
+    if sample.get("txt") is not None:
+        members.append((f"{key}.txt", _as_bytes(sample["txt"])))
+    if sample.get("json") is not None:
+        members.append((f"{key}.json", _as_bytes(sample["json"])))
+    for suffix, data in (sample.get("extra") or {}).items():
+        members.append((f"{key}.{suffix}", _as_bytes(data)))
+    return members
+
+
+def write_tar(path: str | Path, members: Iterable[tuple[str, bytes]]) -> Path:
+    """Write a plain tar of (name, bytes) members in the given order."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            info.mtime = 0
+            info.mode = 0o644
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def make_shard(path: str | Path, samples: list[dict[str, Any]]) -> Path:
+    """Write an img2dataset-layout WebDataset tar from sample dicts (see ``sample_members``)."""
+    return write_tar(path, [m for s in samples for m in sample_members(s)])
