@@ -51,6 +51,8 @@ def _vision(image_size: int) -> dict:
         "num_attention_heads": 2,
         "image_size": image_size,
         "patch_size": 8,
+        # BLIP's default vision init (1e-10) would make every image look alike
+        "initializer_range": 0.02,
     }
 
 

@@ -178,7 +178,7 @@ def iter_tar_groups(fileobj) -> Iterator[tuple[str, dict[str, bytes], list[str]]
     files: dict[str, bytes] = {}
     problems: list[str] = []
     try:
-        with tarfile.open(fileobj=fileobj, mode="r|*") as tar:
+        with tarfile.open(fileobj=fileobj, mode="r|*", tarinfo=_CutAwareTarInfo) as tar:
             for member in tar:
                 if not member.isfile():
                     continue
@@ -193,6 +193,8 @@ def iter_tar_groups(fileobj) -> Iterator[tuple[str, dict[str, bytes], list[str]]
                     problems.append(f"member {member.name!r} repeats extension {ext!r}")
                     continue
                 files[ext] = data
+            if getattr(tar, "curate_cut", False):
+                raise tarfile.ReadError("unexpected end of data (no end-of-archive block)")
     except (tarfile.TarError, EOFError, OSError) as exc:
         if current_key is not None:
             # the sample being read when the tar broke is accounted for, as an error

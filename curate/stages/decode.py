@@ -6,12 +6,13 @@ image costs one row, never a batch.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import warnings
 
 import numpy as np
 import pyarrow as pa
-from PIL import Image, ImageFile, UnidentifiedImageError
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from curate.config import DecodeConfig
 from curate.schema import SOURCE_ALT, STATUS_DROPPED
@@ -51,6 +52,8 @@ def decode_image(data: bytes, cfg: DecodeConfig) -> tuple[np.ndarray, int, int]:
         raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise DecodeError(f"undecodable image: {type(exc).__name__}: {exc}") from exc
+    with contextlib.suppress(Exception):  # a broken EXIF block is not worth losing the image over
+        img = ImageOps.exif_transpose(img)  # phones store rotation in EXIF
     img = to_rgb(img)
     if max(img.size) > cfg.max_side:
         img.thumbnail((cfg.max_side, cfg.max_side), Image.Resampling.BICUBIC)

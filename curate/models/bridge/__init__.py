@@ -1,0 +1,7 @@
+"""The bootstrapped model family: small trainable bridges between frozen unimodal models.
+
+BLIP-2's idea at the scale of this machine: a frozen image encoder (EfficientNet-Lite0),
+a frozen text encoder (all-MiniLM-L6-v2) and a frozen language model
+(SmolLM2-135M-Instruct), all shipped inside registry packages, joined by small bridges
+that are trained here and saved with ``save_pretrained`` in safetensors.
+"""

@@ -1,0 +1,288 @@
+from __future__ import annotations
+
+import copy
+import shutil
+
+import pytest
+import torch
+from PIL import Image
+
+from curate.models.base import DeviceError, LoadOptions, resolve_device, resolve_dtype
+from curate.models.captioner import Captioner, GenerationSettings
+from curate.models.clip import ClipRanker
+from curate.models.itm import ITMFilter
+from tests.helpers import noise_image
+
+
+def flat(nested: list[list[float]]) -> list[float]:
+    return [x for xs in nested for x in xs]
+
+
+no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised without CUDA")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # tiny models: intra-op threads only add contention (10x slower on a busy 2-core box)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def images() -> list[Image.Image]:
+    return [noise_image(40, 30, seed=1), noise_image(24, 48, seed=2), noise_image(32, 32, seed=3)]
+
+
+@pytest.fixture(scope="module")
+def loaded_captioner(tiny_models) -> Captioner:
+    return Captioner(LoadOptions(str(tiny_models["captioner"])), GenerationSettings(), device="cpu")
+
+
+@pytest.fixture
+def captioner(loaded_captioner):
+    """``captioner(**settings)``: the loaded model with other generation settings (no reload)."""
+
+    def make(**settings) -> Captioner:
+        settings.setdefault("max_new_tokens", 6)
+        model = copy.copy(loaded_captioner)
+        model.settings = GenerationSettings(**settings)
+        return model
+
+    return make
+
+
+@pytest.fixture(scope="module")
+def itm(tiny_models) -> ITMFilter:
+    return ITMFilter(LoadOptions(str(tiny_models["itm"])), device="cpu", batch_size=3)
+
+
+@pytest.fixture(scope="module")
+def clip(tiny_models) -> ClipRanker:
+    return ClipRanker(LoadOptions(str(tiny_models["clip"])), device="cpu", batch_size=3)
+
+
+# -- captioner -----------------------------------------------------------------------------------
+
+
+def test_nucleus_gives_num_captions_per_image(captioner, images):
+    out = captioner(num_captions=4, dedupe=False)(images, seed=0)
+    assert len(out) == len(images)
+    for caps in out:
+        assert len(caps) == 4
+        assert all(isinstance(c, str) and c and c == " ".join(c.split()) for c in caps)
+
+
+def test_nucleus_with_dedupe_gives_unique_captions(captioner, images):
+    out = captioner(num_captions=6)(images, seed=0)
+    for caps in out:
+        assert 1 <= len(caps) <= 6
+        assert len({c.lower() for c in caps}) == len(caps)
+
+
+def test_dedupe_removes_identical_samples(captioner, images):
+    # a vanishing top-p keeps only the most likely token: every sample is the same text
+    deduped = captioner(num_captions=5, top_p=1e-6)(images[:1], seed=0)
+    assert len(deduped[0]) == 1
+    kept = captioner(num_captions=5, top_p=1e-6, dedupe=False)(images[:1], seed=0)
+    assert kept[0] == deduped[0] * 5
+
+
+def test_same_seed_same_captions_other_seed_other_captions(captioner, images):
+    model = captioner(num_captions=3)
+    first = model(images, seed=123)
+    assert model(images, seed=123) == first
+    assert any(model(images, seed=s) != first for s in (1, 2, 3))
+
+
+def test_beam_search(captioner, images):
+    model = captioner(decoding="beam", num_beams=3, num_captions=2, dedupe=False)
+    out = model(images, seed=0)
+    assert [len(c) for c in out] == [2, 2, 2]
+    assert model(images, seed=99) == out  # deterministic: the seed does not matter
+    for caps in out:
+        assert caps[0] != caps[1]  # distinct beams
+
+
+def test_prompt_is_stripped_from_outputs(captioner, images):
+    prompt = "A picture of"
+    model = captioner(num_captions=3, prompt=prompt, dedupe=False)
+    # BLIP's generate returns the prompt tokens followed by the continuation
+    torch.manual_seed(0)
+    raw = model.tokenizer.batch_decode(
+        model.model.generate(**model._inputs(images), **model._generate_kwargs()), skip_special_tokens=True
+    )
+    assert all(r.lower().startswith(prompt.lower()) for r in raw)
+    out = model(images, seed=0)
+    flat = [c for caps in out for c in caps]
+    assert flat
+    assert not any(c.lower().startswith(prompt.lower()) for c in flat)
+    assert flat == [" ".join(r.split())[len(prompt) :].strip() for r in raw if r[len(prompt) :].strip()]
+
+
+def test_bf16_on_cpu(tiny_models, images):
+    model = Captioner(
+        LoadOptions(str(tiny_models["captioner"])),
+        GenerationSettings(num_captions=2, max_new_tokens=6),
+        device="cpu",
+        dtype="bf16",
+    )
+    assert next(model.model.parameters()).dtype == torch.bfloat16
+    out = model(images[:2], seed=0)
+    assert len(out) == 2 and all(out)
+
+
+def test_empty_batch(captioner):
+    assert captioner(num_captions=2)([], seed=0) == []
+
+
+@no_cuda
+def test_cuda_without_cuda_is_a_device_error(tiny_models):
+    with pytest.raises(DeviceError, match="sees no CUDA device"):
+        Captioner(LoadOptions(str(tiny_models["captioner"])), device="cuda")
+    with pytest.raises(DeviceError, match="sees no CUDA device"):
+        ITMFilter(LoadOptions(str(tiny_models["itm"])), device="cuda")
+    with pytest.raises(DeviceError, match="sees no CUDA device"):
+        ClipRanker(LoadOptions(str(tiny_models["clip"])), device="cuda")
+
+
+def test_device_and_dtype_resolution():
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(DeviceError, match="unknown device"):
+        resolve_device("tpu")
+    assert resolve_dtype("bf16", torch.device("cpu")) == torch.bfloat16
+    with pytest.raises(DeviceError, match="unknown dtype"):
+        resolve_dtype("fp8", torch.device("cpu"))
+
+
+# -- ITM filter ----------------------------------------------------------------------------------
+
+TOL = 1e-6
+TEXTS = [
+    ["a red car on the street", "dog"],
+    [],
+    ["a small bird sitting in a tree near the water with a blue sky", "logo", "two people"],
+]
+
+
+def test_itm_probabilities_and_nesting(itm, images):
+    scores = itm(images, TEXTS)
+    assert [len(s) for s in scores] == [2, 0, 3]
+    assert all(0.0 <= p <= 1.0 for s in scores for p in s)
+    assert itm([], []) == []
+    assert itm(images[:1], [[]]) == [[]]
+
+
+@pytest.fixture(scope="module")
+def sighted_itm_dir(tiny_models, tmp_path_factory):
+    """The tiny ITM model with a vision tower that sees the image.
+
+    BlipVisionConfig initialises its weights with std 1e-10, so the tiny BLIP models are
+    nearly image-blind (scores differ by ~1e-7 between images): a test of which image
+    goes with which text would pass vacuously. Re-initialise the vision embeddings.
+    """
+    from transformers import BlipForImageTextRetrieval
+
+    src = tiny_models["itm"]
+    dst = tmp_path_factory.mktemp("sighted") / "itm"
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("*.safetensors"))
+    model = BlipForImageTextRetrieval.from_pretrained(str(src))
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        emb = model.vision_model.embeddings
+        for param in (emb.patch_embedding.weight, emb.class_embedding, emb.position_embedding):
+            param.copy_(torch.randn(param.shape, generator=generator) * 0.02)
+    model.save_pretrained(dst)
+    return dst
+
+
+@torch.inference_mode()
+def test_itm_equals_blip_forward_with_itm_head(sighted_itm_dir, images):
+    from transformers import BlipForImageTextRetrieval, BlipProcessor
+
+    # batch_size 3: pairs of different images share a chunk, with padding
+    itm = ITMFilter(LoadOptions(str(sighted_itm_dir)), device="cpu", batch_size=3)
+    model = BlipForImageTextRetrieval.from_pretrained(str(sighted_itm_dir)).eval()
+    processor = BlipProcessor.from_pretrained(str(sighted_itm_dir))
+    texts = [*TEXTS, ["a red car on the street"]]
+    imgs = [*images, images[1]]
+    scores = itm(imgs, texts)
+    # the check below can tell the images apart: a mix-up of pairs would show
+    same_text = [scores[0][0], scores[3][0]]
+    assert abs(same_text[0] - same_text[1]) > 20 * TOL
+    for image, image_texts, got in zip(imgs, texts, scores):
+        for text, p in zip(image_texts, got):
+            inputs = processor(images=image, text=text, return_tensors="pt")
+            logits = model(**inputs, use_itm_head=True).itm_score
+            expected = torch.softmax(logits.float(), dim=-1)[0, 1].item()
+            assert p == pytest.approx(expected, abs=TOL), text
+
+
+def test_itm_scores_do_not_depend_on_batching(tiny_models, itm, images):
+    one_by_one = ITMFilter(LoadOptions(str(tiny_models["itm"])), device="cpu", batch_size=1)
+    expected = one_by_one(images, TEXTS)
+    got = itm(images, TEXTS)
+    assert [len(s) for s in got] == [len(s) for s in expected]
+    assert flat(got) == pytest.approx(flat(expected), abs=1e-5)
+
+
+# -- CLIP ranker ---------------------------------------------------------------------------------
+
+
+@torch.inference_mode()
+def test_clip_equals_manual_cosine_similarity(tiny_models, clip, images):
+    from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel
+
+    model = CLIPModel.from_pretrained(str(tiny_models["clip"])).eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_models["clip"]))
+    image_processor = CLIPImageProcessor.from_pretrained(str(tiny_models["clip"]))
+    scores = clip(images, TEXTS)
+    assert [len(s) for s in scores] == [2, 0, 3]
+    for image, texts, got in zip(images, TEXTS, scores):
+        if not texts:
+            continue
+        out = model(
+            **tokenizer(texts, padding=True, return_tensors="pt"),
+            pixel_values=image_processor(images=image, return_tensors="pt")["pixel_values"],
+        )
+        image_embed = out.image_embeds / out.image_embeds.norm(dim=-1, keepdim=True)
+        text_embeds = out.text_embeds / out.text_embeds.norm(dim=-1, keepdim=True)
+        expected = (text_embeds @ image_embed[0]).tolist()
+        assert got == pytest.approx(expected, abs=1e-5)
+        assert all(-1.0 <= s <= 1.0 for s in got)
+
+
+def test_clip_edge_cases(clip, images):
+    assert clip([], []) == []
+    assert clip(images[:2], [[], []]) == [[], []]
+
+
+# -- safe loading --------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pickled_itm_dir(tiny_models, tmp_path_factory):
+    """The tiny ITM model with only pytorch_model.bin (pickled) weights."""
+    from transformers import BlipForImageTextRetrieval
+
+    src = tiny_models["itm"]
+    dst = tmp_path_factory.mktemp("pickled") / "itm"
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("*.safetensors"))
+    model = BlipForImageTextRetrieval.from_pretrained(str(src))
+    torch.save(model.state_dict(), dst / "pytorch_model.bin")
+    assert not list(dst.glob("*.safetensors"))
+    return dst
+
+
+def test_pickled_weights_are_refused_by_default(pickled_itm_dir):
+    with pytest.raises(RuntimeError, match="safetensors") as info:
+        ITMFilter(LoadOptions(str(pickled_itm_dir)), device="cpu")
+    assert "allow_pickle_weights" in str(info.value)
+    assert str(pickled_itm_dir) in str(info.value)
+
+
+def test_pickled_weights_load_when_allowed(pickled_itm_dir, itm, images):
+    allowed = ITMFilter(LoadOptions(str(pickled_itm_dir), allow_pickle_weights=True), device="cpu")
+    assert flat(allowed(images, TEXTS)) == pytest.approx(flat(itm(images, TEXTS)), abs=1e-6)
