@@ -101,7 +101,13 @@ class RankerConfig(ModelConfig):
 
 @dataclass
 class ReadConfig:
-    batch_size: int = 32  # samples per block leaving the reader
+    """The reader's blocks are the unit every later stage processes (model stages split
+    them into their own ``batch_size``). Fixed per shard, so reruns repeat captions."""
+
+    batch_size: int = 64
+
+    def _validate(self, prefix: str) -> None:
+        _positive(self.batch_size, f"{prefix}.batch_size")
 
 
 @dataclass
@@ -112,7 +118,6 @@ class DecodeConfig:
     max_pixels: int = 89_478_485  # PIL's own bomb limit
     max_side: int = 1024  # decoded images are downscaled to this long side for the models
     max_text_bytes: int = 65_536
-    batch_size: int = 32
     num_cpus: float = 0.5
 
     def _validate(self, prefix: str) -> None:
@@ -120,7 +125,6 @@ class DecodeConfig:
         _positive(self.max_pixels, f"{prefix}.max_pixels")
         _positive(self.max_side, f"{prefix}.max_side")
         _positive(self.max_text_bytes, f"{prefix}.max_text_bytes")
-        _positive(self.batch_size, f"{prefix}.batch_size")
 
 
 @dataclass

@@ -63,12 +63,16 @@ def read_shards_batch(batch: pa.Table, batch_size: int) -> Iterator[pa.Table]:
 
 def _actor_args(cfg: ModelConfig) -> dict[str, Any]:
     return {
-        "batch_size": cfg.batch_size,
+        # Whole blocks: a block is one reader batch of one shard, the same in every run,
+        # so the stage's own model batches (and their sampling seeds) are too.
+        "batch_size": None,
         "concurrency": cfg.concurrency,
         "num_cpus": cfg.num_cpus,
         "num_gpus": cfg.num_gpus,
         "batch_format": "pyarrow",
         "zero_copy_batch": True,
+        # Ray Data's actor pools default to max_restarts=-1 and max_task_retries=-1: an
+        # actor lost with its process or node is restarted and its batch retried
     }
 
 
@@ -89,7 +93,7 @@ def build_dataset(cfg: PipelineConfig, shards: list[ShardRef]):
     ds = ds.map_batches(
         decode_batch,
         fn_kwargs={"cfg": cfg.decode},
-        batch_size=cfg.decode.batch_size,
+        batch_size=None,
         batch_format="pyarrow",
         num_cpus=cfg.decode.num_cpus,
     )
@@ -114,7 +118,7 @@ def build_dataset(cfg: PipelineConfig, shards: list[ShardRef]):
     ds = ds.map_batches(
         apply_policy,
         fn_kwargs={"policy": cfg.policy, "keep_images": cfg.output.write_shards},
-        batch_size=256,
+        batch_size=None,
         batch_format="pyarrow",
         num_cpus=0.25,
     )

@@ -6,11 +6,11 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
-from pathlib import Path  # noqa: E402
+from pathlib import Path
 
-import pytest  # noqa: E402
+import pytest
 
-from tests.helpers import make_shard as _make_shard  # noqa: E402
+from tests.helpers import make_shard as _make_shard
 
 
 @pytest.fixture(scope="session")

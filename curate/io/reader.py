@@ -195,7 +195,7 @@ def iter_tar_groups(fileobj) -> Iterator[tuple[str, dict[str, bytes], list[str]]
                 files[ext] = data
             if getattr(tar, "curate_cut", False):
                 raise tarfile.ReadError("unexpected end of data (no end-of-archive block)")
-    except (tarfile.TarError, EOFError, OSError) as exc:
+    except Exception as exc:
         if current_key is not None:
             # the sample being read when the tar broke is accounted for, as an error
             yield (
@@ -266,7 +266,7 @@ def read_shard(shard: ShardRef, batch_size: int = 32) -> Iterator[list[dict]]:
                     batch = []
     except FileNotFoundError as exc:
         fault = f"shard not found: {shard.url} ({exc})"
-    except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
+    except Exception as exc:  # any fault of the stream: the rows so far stand, the shard records it
         where = f"after {total} samples" if total else "before any sample"
         fault = f"unreadable tar {shard.url} {where}: {type(exc).__name__}: {exc}"
     end = empty_row()

@@ -99,6 +99,9 @@ def decode_rows(rows: list[dict], cfg: DecodeConfig) -> list[dict]:
         except DecodeError as exc:
             fail(row, str(exc))
             continue
+        except Exception as exc:  # any decoder bug costs this row only, never the batch
+            fail(row, f"undecodable image: {type(exc).__name__}: {exc}")
+            continue
         row["width"], row["height"] = width, height
         if min(width, height) < cfg.min_side:
             row["status"] = STATUS_DROPPED

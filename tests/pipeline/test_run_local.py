@@ -34,7 +34,7 @@ def _config(models: dict[str, Path], **policy) -> dict:
         "ranker": {"model": str(models["clip"]), "device": "cpu", "batch_size": 8},
         "policy": policy or {"itm_threshold": 0.0, "top_k": 2},
         "read": {"batch_size": 4},
-        "decode": {"batch_size": 4, "min_side": 8},
+        "decode": {"min_side": 8},
     }
 
 

@@ -5,3 +5,10 @@ a frozen text encoder (all-MiniLM-L6-v2) and a frozen language model
 (SmolLM2-135M-Instruct), all shipped inside registry packages, joined by small bridges
 that are trained here and saved with ``save_pretrained`` in safetensors.
 """
+
+from curate.models.bridge.filter import BridgeFilterConfig, BridgeFilterModel
+from curate.models.bridge.filter import register as _register_filter
+
+_register_filter()  # AutoConfig/AutoModel load a bridge filter directory by path, no remote code
+
+__all__ = ["BridgeFilterConfig", "BridgeFilterModel"]

@@ -1,0 +1,268 @@
+"""The bootstrapped CapFilt filter: a small image-grounded text encoder over frozen backbones.
+
+BLIP's filter at this machine's scale. Frozen EfficientNet-Lite0 gives 49 image tokens
+(1280-d), frozen all-MiniLM-L6-v2 gives text token states (384-d). Trained here:
+
+- ITM: text tokens projected to ``hidden_size`` run through ``num_layers`` fusion layers
+  (self-attention over the text, cross-attention to the projected image tokens, MLP),
+  and a 2-way head on the first token ([CLS], marked with a learned "encode" vector as
+  BLIP's [ENC]) gives P(match).
+- ITC: mean-pooled image tokens and mean-pooled MiniLM states, each projected to
+  ``proj_dim`` and normalised, with a learned temperature.
+
+The frozen backbones are not submodules: they load from their registry packages
+(``backbones.py``), so ``save_pretrained`` writes only the trainable bridge (a few MB)
+and ``BridgeFilterModel.from_pretrained(dir)`` reads safetensors only.
+
+Two kinds of inputs: precomputed features (``itm_logits``, ``image_itc``, ``text_itc``;
+what training on a feature cache uses) and raw PIL images and strings (``itm_scores``,
+``itc_scores``; what the pipeline's ITM filter and ranker call).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+from transformers import PretrainedConfig, PreTrainedModel
+from transformers import initialization as init
+
+from curate.models.bridge import backbones
+
+MODEL_TYPE = "curate-bridge-filter"
+
+
+class BridgeFilterConfig(PretrainedConfig):
+    """Sizes of the trainable bridge; the backbone fields name what it was trained on."""
+
+    model_type = MODEL_TYPE
+
+    def __init__(
+        self,
+        image_dim: int = backbones.IMAGE_DIM,
+        text_dim: int = backbones.TEXT_DIM,
+        image_tokens: int = 49,
+        hidden_size: int = 256,
+        num_layers: int = 2,
+        num_heads: int = 4,
+        mlp_ratio: float = 4.0,
+        proj_dim: int = 128,
+        dropout: float = 0.1,
+        temperature: float = 0.07,
+        max_text_tokens: int = 48,
+        image_size: int = backbones.IMAGE_SIZE,
+        image_encoder: str = "efficientnet-lite0",
+        text_encoder: str = "sentence-transformers/all-MiniLM-L6-v2",
+        initializer_range: float = 0.02,
+        **kwargs,
+    ) -> None:
+        self.image_dim = image_dim
+        self.text_dim = text_dim
+        self.image_tokens = image_tokens
+        self.hidden_size = hidden_size
+        self.num_layers = num_layers
+        self.num_heads = num_heads
+        self.mlp_ratio = mlp_ratio
+        self.proj_dim = proj_dim
+        self.dropout = dropout
+        self.temperature = temperature
+        self.max_text_tokens = max_text_tokens
+        self.image_size = image_size
+        self.image_encoder = image_encoder
+        self.text_encoder = text_encoder
+        self.initializer_range = initializer_range
+        super().__init__(**kwargs)
+
+
+class _Attention(nn.Module):
+    def __init__(self, dim: int, heads: int, dropout: float) -> None:
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"hidden_size {dim} is not a multiple of num_heads {heads}")
+        self.heads = heads
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * dim)
+        self.out = nn.Linear(dim, dim)
+        self.dropout = dropout
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
+        b, n, d = x.shape
+        q = self.q(x).view(b, n, self.heads, -1).transpose(1, 2)
+        k, v = self.kv(context).view(b, context.shape[1], 2, self.heads, -1).permute(2, 0, 3, 1, 4)
+        mask = None if key_mask is None else key_mask[:, None, None, :].bool()
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0
+        )
+        return self.out(y.transpose(1, 2).reshape(b, n, d))
+
+
+class _FusionLayer(nn.Module):
+    """Pre-norm: text self-attention, cross-attention to image tokens, MLP."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float, dropout: float) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.self_attn = _Attention(dim, heads, dropout)
+        self.norm2 = nn.LayerNorm(dim)
+        self.cross_attn = _Attention(dim, heads, dropout)
+        self.norm3 = nn.LayerNorm(dim)
+        hidden = int(dim * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, text: torch.Tensor, text_mask: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        h = self.norm1(text)
+        text = text + self.drop(self.self_attn(h, h, text_mask))
+        text = text + self.drop(self.cross_attn(self.norm2(text), image, None))
+        return text + self.drop(self.mlp(self.norm3(text)))
+
+
+def _split(flat: list[float], texts: list[list[str]]) -> list[list[float]]:
+    out, pos = [], 0
+    for ts in texts:
+        out.append(flat[pos : pos + len(ts)])
+        pos += len(ts)
+    return out
+
+
+class BridgeFilterModel(PreTrainedModel):
+    """ITM + ITC bridge between frozen EfficientNet-Lite0 and all-MiniLM-L6-v2 (see module doc)."""
+
+    config_class = BridgeFilterConfig
+    base_model_prefix = "bridge_filter"
+    main_input_name = "image_tokens"
+
+    def __init__(self, config: BridgeFilterConfig) -> None:
+        super().__init__(config)
+        d = config.hidden_size
+        self.image_in = nn.Sequential(nn.LayerNorm(config.image_dim), nn.Linear(config.image_dim, d))
+        self.image_pos = nn.Parameter(torch.zeros(config.image_tokens, d))
+        self.text_in = nn.Sequential(nn.LayerNorm(config.text_dim), nn.Linear(config.text_dim, d))
+        self.enc_token = nn.Parameter(torch.zeros(d))
+        self.layers = nn.ModuleList(
+            _FusionLayer(d, config.num_heads, config.mlp_ratio, config.dropout) for _ in range(config.num_layers)
+        )
+        self.norm = nn.LayerNorm(d)
+        self.itm_head = nn.Linear(d, 2)
+        self.image_itc_proj = nn.Sequential(
+            nn.LayerNorm(config.image_dim), nn.Linear(config.image_dim, d), nn.GELU(), nn.Linear(d, config.proj_dim)
+        )
+        self.text_itc_proj = nn.Sequential(
+            nn.LayerNorm(config.text_dim), nn.Linear(config.text_dim, d), nn.GELU(), nn.Linear(d, config.proj_dim)
+        )
+        self.logit_scale = nn.Parameter(torch.tensor(0.0))
+        self.post_init()
+
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if isinstance(module, BridgeFilterModel):
+            init.normal_(module.image_pos, mean=0.0, std=self.config.initializer_range)
+            init.normal_(module.enc_token, mean=0.0, std=self.config.initializer_range)
+            init.constant_(module.logit_scale, math.log(1.0 / self.config.temperature))
+
+    # -- from features (training) ------------------------------------------------------------------
+
+    def itm_logits(
+        self, image_tokens: torch.Tensor, text_states: torch.Tensor, text_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """Paired rows: (B, 49, 1280), (B, T, 384), (B, T) -> (B, 2) logits [no match, match]."""
+        dtype = self.image_pos.dtype
+        image = self.image_in(image_tokens.to(dtype)) + self.image_pos
+        text = self.text_in(text_states.to(dtype))
+        text = torch.cat([text[:, :1] + self.enc_token, text[:, 1:]], dim=1)
+        for layer in self.layers:
+            text = layer(text, text_mask, image)
+        return self.itm_head(self.norm(text[:, 0]))
+
+    def image_itc(self, image_tokens: torch.Tensor) -> torch.Tensor:
+        """(B, 49, 1280) -> (B, proj_dim), unit norm."""
+        pooled = image_tokens.to(self.image_pos.dtype).mean(1)
+        return F.normalize(self.image_itc_proj(pooled), dim=-1)
+
+    def text_itc(self, text_pooled: torch.Tensor) -> torch.Tensor:
+        """Mean-pooled MiniLM (B, 384) -> (B, proj_dim), unit norm."""
+        return F.normalize(self.text_itc_proj(text_pooled.to(self.image_pos.dtype)), dim=-1)
+
+    def forward(
+        self,
+        image_tokens: torch.Tensor,
+        text_states: torch.Tensor,
+        text_mask: torch.Tensor,
+        text_pooled: torch.Tensor,
+    ) -> dict[str, torch.Tensor]:
+        """Paired features -> ITM logits and the ITC embeddings of both sides."""
+        return {
+            "itm_logits": self.itm_logits(image_tokens, text_states, text_mask),
+            "image_feat": self.image_itc(image_tokens),
+            "text_feat": self.text_itc(text_pooled),
+        }
+
+    # -- from raw inputs (pipeline) ----------------------------------------------------------------
+
+    @property
+    def _device(self) -> torch.device:
+        return self.image_pos.device
+
+    @torch.inference_mode()
+    def encode_images(self, images: list[Image.Image]) -> torch.Tensor:
+        """PIL images -> frozen image tokens (B, 49, 1280) on this model's device."""
+        pixels = backbones.preprocess_images(images, self.config.image_size).to(self._device)
+        return backbones.encode_images(pixels)
+
+    @torch.inference_mode()
+    def encode_texts(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Strings -> frozen MiniLM (states, mask, mean-pooled) on this model's device."""
+        return backbones.encode_texts(texts, max_length=self.config.max_text_tokens, device=self._device)
+
+    @torch.inference_mode()
+    def itm_scores(
+        self, images: list[Image.Image], texts_per_image: list[list[str]], batch_size: int = 64
+    ) -> list[list[float]]:
+        """P(match) for every text of every image; each image is encoded once."""
+        if not images:
+            return []
+        image_tokens = self.encode_images(images)
+        pairs = [(i, t) for i, ts in enumerate(texts_per_image) for t in ts]
+        scores: list[float] = []
+        for start in range(0, len(pairs), batch_size):
+            chunk = pairs[start : start + batch_size]
+            states, mask, _ = self.encode_texts([t for _, t in chunk])
+            idx = torch.tensor([i for i, _ in chunk], device=self._device)
+            logits = self.itm_logits(image_tokens.index_select(0, idx), states, mask).float()
+            scores.extend(torch.softmax(logits, dim=-1)[:, 1].tolist())
+        return _split(scores, texts_per_image)
+
+    @torch.inference_mode()
+    def itc_scores(
+        self, images: list[Image.Image], texts_per_image: list[list[str]], batch_size: int = 64
+    ) -> list[list[float]]:
+        """Cosine similarity of the ITC embeddings for every text of every image."""
+        if not images:
+            return []
+        image_feat = self.image_itc(self.encode_images(images)).float()
+        pairs = [(i, t) for i, ts in enumerate(texts_per_image) for t in ts]
+        scores: list[float] = []
+        for start in range(0, len(pairs), batch_size):
+            chunk = pairs[start : start + batch_size]
+            _, _, pooled = self.encode_texts([t for _, t in chunk])
+            idx = torch.tensor([i for i, _ in chunk], device=self._device)
+            text_feat = self.text_itc(pooled).float()
+            scores.extend((image_feat.index_select(0, idx) * text_feat).sum(-1).tolist())
+        return _split(scores, texts_per_image)
+
+
+def register() -> None:
+    """Make ``AutoConfig``/``AutoModel`` load a bridge filter directory without remote code."""
+    from transformers import AutoConfig, AutoModel
+
+    try:
+        AutoConfig.register(MODEL_TYPE, BridgeFilterConfig)
+    except ValueError:  # already registered (module reloaded)
+        pass
+    try:
+        AutoModel.register(BridgeFilterConfig, BridgeFilterModel)
+    except ValueError:
+        pass
