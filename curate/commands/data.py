@@ -29,36 +29,46 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "fetch",
         help="download a Debian-packaged dataset and write img2dataset-style WebDataset shards",
         description="Download (apt-get download + dpkg-deb -x, cached) or read an extracted package "
-        "and write DIR/NNNNN.tar (+ .parquet, _stats.json) and DIR/_fetch_report.json.",
+        "and write img2dataset-style shards: NNNNN.tar (+ .parquet, _stats.json) in DIR (openclipart) "
+        "or DIR/{train,val,test} (tuxpaint), with counts of everything written or skipped in "
+        "DIR/_fetch_report.json. A rerun over unchanged inputs reuses the output.",
         epilog=epilog,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     fetch.add_argument("name", metavar="NAME", help="dataset: " + ", ".join(DATASET_HELP))
-    fetch.add_argument("--output", "-o", required=True, type=Path, help="output directory")
+    fetch.add_argument("--output", "-o", required=True, type=Path, metavar="DIR", help="output directory")
     fetch.add_argument(
         "--source",
         action="append",
         type=Path,
         default=None,
+        metavar="DIR",
         help="already-extracted package root (repeatable, e.g. the two openclipart roots); skips apt",
     )
     fetch.add_argument(
         "--cache",
         type=Path,
         default=Path("~/.cache/curate/debs"),
+        metavar="DIR",
         help="where .deb files are downloaded and extracted (default: %(default)s)",
     )
-    fetch.add_argument("--shard-size", type=int, default=1000, help="samples per tar (default: %(default)s)")
-    fetch.add_argument("--limit", type=int, default=None, help="only the first N items (sorted by path)")
+    fetch.add_argument(
+        "--shard-size", type=int, default=1000, metavar="N", help="samples per tar (default: %(default)s)"
+    )
+    fetch.add_argument(
+        "--limit", type=int, default=None, metavar="N", help="only the first N items (sorted by path)"
+    )
     fetch.add_argument(
         "--max-side",
         type=int,
+        metavar="N",
         default=1024,
         help="downscale images whose long side exceeds this (0: never; default: %(default)s)",
     )
     fetch.add_argument(
         "--max-pixels",
         type=int,
+        metavar="N",
         default=1 << 30,
         help="skip images with more pixels than this as too_large (default: %(default)s)",
     )
@@ -70,6 +80,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     fetch.add_argument(
         "--workers",
         type=int,
+        metavar="N",
         default=os.cpu_count() or 1,
         help="threads decoding/resizing images; output does not depend on it (default: %(default)s)",
     )
