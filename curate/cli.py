@@ -14,6 +14,7 @@ import sys
 # subcommand -> module that registers it
 SUBCOMMANDS = {
     "run": "curate.commands.run",
+    "ingest": "curate.commands.ingest",
     "data": "curate.commands.data",
     "query": "curate.commands.inspect",
     "stats": "curate.commands.inspect",

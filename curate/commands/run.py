@@ -21,8 +21,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--input",
         "-i",
         action="append",
-        required=True,
-        help="input tars: paths, globs, brace ranges 'shards/{00000..00099}.tar' or fsspec URLs; repeatable",
+        default=None,
+        help="input tars: paths, globs, brace ranges 'shards/{00000..00099}.tar' or fsspec URLs; repeatable. "
+        "Or one URL list (.parquet/.csv/.tsv/.jsonl/.json/.txt): downloaded into OUT/_ingest with "
+        "img2dataset (the pipeline's ingest section), then curated. Default: the pipeline's ingest.urls",
     )
     p.add_argument("--output", "-o", required=True, help="output directory or fsspec URL")
     p.add_argument(
@@ -60,6 +62,21 @@ def resolve_local_models(cfg, pipeline_path: str) -> None:
                 break
 
 
+def url_list_input(inputs: list[str] | None, cfg) -> str | None:
+    """The URL list to download before curating, or None when the inputs are tars."""
+    from curate.ingest import is_url_list
+    from curate.io.reader import InputError
+
+    if not inputs:
+        if cfg.ingest is not None and cfg.ingest.urls:
+            return cfg.ingest.urls
+        raise InputError("--input is required (tars or a URL list) unless the pipeline sets ingest.urls")
+    lists = [s for s in inputs if is_url_list(s)]
+    if lists and len(inputs) > 1:
+        raise InputError(f"a URL list is curated on its own; got {len(inputs)} inputs: {', '.join(inputs)}")
+    return lists[0] if lists else None
+
+
 def gpu_shortfall(cfg) -> str | None:
     """Stages that declare GPUs on a cluster that has none would wait forever: say so."""
     import ray
@@ -76,18 +93,19 @@ def gpu_shortfall(cfg) -> str | None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from curate.config import ConfigError, load_pipeline
+    from curate.config import ConfigError, IngestConfig, load_pipeline
+    from curate.ingest import INGEST_DIR, IngestError, MissingExtraError, plan_ingest, run_ingest
     from curate.io.reader import InputError, expand_inputs, shard_refs
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # fail on bad configuration and inputs before any work starts
     try:
         cfg = load_pipeline(args.pipeline, args.overrides)
-        urls = expand_inputs(args.input)
+        url_list = url_list_input(args.input, cfg)
+        urls = [] if url_list else expand_inputs(args.input)
     except (ConfigError, InputError) as exc:
         print(f"curate run: error: {exc}", file=sys.stderr)
         return 2
-    shards = shard_refs(urls)
     resolve_local_models(cfg, args.pipeline)
     output = args.output
     in_job = bool(os.environ.get("RAY_JOB_ID") or os.environ.get("RAY_JOB_SUBMISSION_ID"))
@@ -99,6 +117,13 @@ def cmd_run(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
         output = os.path.abspath(output)
+    plan = None
+    if url_list:
+        try:
+            plan = plan_ingest(url_list, f"{output.rstrip('/')}/{INGEST_DIR}", cfg.ingest or IngestConfig())
+        except (IngestError, MissingExtraError) as exc:
+            print(f"curate run: error: {exc}", file=sys.stderr)
+            return 2
 
     from curate.pipeline import OutputConflictError, init_ray, run_pipeline
 
@@ -110,6 +135,15 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(f"curate run: error: {problem}", file=sys.stderr)
             return 2
         print(f"curate run: warning: {problem}; waiting for the autoscaler to add GPU nodes", file=sys.stderr)
+    if plan is not None:
+        ingested = run_ingest(plan, ray_address=args.ray_address)
+        for line in ingested.summary_lines():
+            print(f"curate run: ingest: {line}", file=sys.stderr)
+        if not ingested.complete:
+            print("curate run: error: the download is incomplete; nothing curated", file=sys.stderr)
+            return 1
+        urls = ingested.shards
+    shards = shard_refs(urls)
     print(
         f"curate run: pipeline {cfg.name!r}, {len(shards)} shard(s) -> {output} on {where}", file=sys.stderr
     )

@@ -5,6 +5,11 @@ Tars are streamed member by member, so a shard never has to fit in memory and a 
 cut in the middle still yields every sample before the cut. Every sample becomes one
 row; a problem with a sample becomes that row's ``error``, a problem with the shard
 becomes its ``shard_end`` row's ``shard_error``.
+
+img2dataset writes only the downloaded images into a tar; every URL of the shard,
+failures included, is in the ``NNNNN.parquet`` beside it. When that download log is
+there, each URL that is not in the tar becomes an error row too (``download_status``,
+``download_error``), so every URL of the list is accounted for.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import fsspec
+import pyarrow.parquet as pq
 
 from curate.schema import (
     ROW_SAMPLE,
@@ -32,6 +38,9 @@ from curate.schema import (
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 TEXT_EXT = "txt"
 JSON_EXT = "json"
+# columns that make a Parquet beside a tar img2dataset's download log
+DOWNLOAD_LOG_COLUMNS = frozenset({"key", "status", "error_message"})
+DOWNLOAD_SUCCESS = "success"
 
 _BRACE = re.compile(r"\{([^{}]*)\}")
 
@@ -237,12 +246,64 @@ def sample_row(key: str, files: dict[str, bytes], problems: list[str], shard: Sh
             row["meta"] = text
             if isinstance(meta, dict) and isinstance(meta.get("url"), str):
                 row["url"] = meta["url"]
+            if isinstance(meta, dict) and "error_message" in meta:  # img2dataset's download record
+                row["download_status"] = _str_or_none(meta.get("status"))
+                row["download_error"] = _str_or_none(meta.get("error_message"))
+                row["download_sha256"] = _str_or_none(meta.get("sha256"))
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             errors.append(f"{key}.json is not valid JSON: {exc}")
     if errors:
         row["status"] = STATUS_ERROR
         row["error"] = "; ".join(errors)
         row["image"] = None
+    return row
+
+
+def _str_or_none(value: object) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def download_log_url(shard_url: str) -> str | None:
+    """Where img2dataset puts a tar's download log: ``00000.tar`` -> ``00000.parquet``."""
+    return shard_url[: -len(".tar")] + ".parquet" if shard_url.endswith(".tar") else None
+
+
+def read_download_log(shard_url: str) -> list[dict] | None:
+    """img2dataset's record of every URL of a shard, or None when the tar has none beside it."""
+    url = download_log_url(shard_url)
+    if url is None:
+        return None
+    fs, path = fsspec.core.url_to_fs(url)
+    if not fs.exists(path):
+        return None
+    with fs.open(path, "rb") as f:
+        schema = pq.read_schema(f)
+        if not DOWNLOAD_LOG_COLUMNS.issubset(schema.names):
+            return None  # some other Parquet that happens to share the name
+        f.seek(0)
+        # exif is large and null for every URL that matters here (the failures)
+        table = pq.read_table(f, columns=[n for n in schema.names if n != "exif"])
+    return table.to_pylist()
+
+
+def download_failure_row(entry: dict, shard: ShardRef, seq: int) -> dict:
+    """A URL that img2dataset logged but did not put in the tar: an error row carrying why."""
+    row = empty_row()
+    row.update(row_type=ROW_SAMPLE, key=entry["key"], shard=shard.name, seq=seq, status=STATUS_ERROR)
+    row["source_url"] = shard.url
+    status = _str_or_none(entry.get("status")) or "unknown"
+    message = _str_or_none(entry.get("error_message"))
+    if status == DOWNLOAD_SUCCESS:
+        row["error"] = "downloaded (per the shard's img2dataset Parquet) but missing from the tar"
+    else:
+        row["error"] = f"{status}: {message or 'no error message'}"
+    row["url"] = _str_or_none(entry.get("url"))
+    caption = entry.get("caption")
+    row["alt_text"] = caption.strip() if isinstance(caption, str) else None
+    row["download_status"] = status
+    row["download_error"] = message
+    row["download_sha256"] = _str_or_none(entry.get("sha256"))
+    row["meta"] = json.dumps(entry, ensure_ascii=False, default=str)
     return row
 
 
@@ -269,6 +330,23 @@ def read_shard(shard: ShardRef, batch_size: int = 32) -> Iterator[list[dict]]:
     except Exception as exc:  # any fault of the stream: the rows so far stand, the shard records it
         where = f"after {total} samples" if total else "before any sample"
         fault = f"unreadable tar {shard.url} {where}: {type(exc).__name__}: {exc}"
+    # img2dataset's failed downloads are only in its download log: one error row each
+    try:
+        log = read_download_log(shard.url) or []
+    except Exception as exc:
+        log = []
+        problem = f"unreadable download log {download_log_url(shard.url)}: {type(exc).__name__}: {exc}"
+        fault = f"{fault}; {problem}" if fault else problem
+    for entry in log:
+        key = entry.get("key")
+        if not isinstance(key, str) or key in seen:
+            continue
+        seen.add(key)
+        batch.append(download_failure_row(entry, shard, total))
+        total += 1
+        if len(batch) >= batch_size:
+            yield batch
+            batch = []
     end = empty_row()
     end.update(row_type=ROW_SHARD_END, shard=shard.name, key="", seq=-1, status=ROW_SHARD_END)
     end.update(source_url=shard.url, shard_total=total, shard_error=fault)

