@@ -28,6 +28,9 @@ class GenerationSettings:
     dedupe: bool = True
 
 
+BRIDGE_MODEL_TYPE = "curate-bridge-captioner"
+
+
 def _model_class(model_type: str):
     import transformers
 
@@ -35,6 +38,10 @@ def _model_class(model_type: str):
         return transformers.BlipForConditionalGeneration
     if model_type == "blip-2":
         return transformers.Blip2ForConditionalGeneration
+    if model_type == BRIDGE_MODEL_TYPE:
+        from curate.models.bridge.captioner import BridgeCaptionerModel
+
+        return BridgeCaptionerModel
     return transformers.AutoModelForImageTextToText
 
 
@@ -50,14 +57,21 @@ class Captioner:
     ) -> None:
         import transformers
 
+        import curate.models.bridge  # noqa: F401  (registers the bridge captioner's model type)
+
         self.settings = settings or GenerationSettings()
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         try:
             config = transformers.AutoConfig.from_pretrained(load.model, **load.kwargs())
+            # the bridge captioner (trained bridge, frozen LM from its package) brings its own tokenizer
+            self.bridge = config.model_type == BRIDGE_MODEL_TYPE
             cls = _model_class(config.model_type)
             model = cls.from_pretrained(load.model, **load.model_kwargs())
-            self.processor = transformers.AutoProcessor.from_pretrained(load.model, **load.kwargs())
+            if self.bridge:
+                self.processor = model.language_model()[1]  # loads the frozen LM now, in the actor
+            else:
+                self.processor = transformers.AutoProcessor.from_pretrained(load.model, **load.kwargs())
         except Exception as exc:
             raise load_error("captioner", load, exc) from exc
         self.model = move(model, self.device, self.dtype)
@@ -100,11 +114,29 @@ class Captioner:
             return []
         if seed is not None:
             torch.manual_seed(seed)
+        if self.bridge:
+            return [self._clean(texts) for texts in self._bridge_generate(images, seed)]
         inputs = self._inputs(images)
         ids = self.model.generate(**inputs, **self._generate_kwargs())
         texts = self.tokenizer.batch_decode(ids, skip_special_tokens=True)
         n = self.settings.num_captions
         return [self._clean(texts[i * n : (i + 1) * n]) for i in range(len(images))]
+
+    def _bridge_generate(self, images: list[Image.Image], seed: int | None) -> list[list[str]]:
+        s = self.settings
+        return self.model.generate_captions(
+            images,
+            num_captions=s.num_captions,
+            do_sample=s.decoding != "beam",
+            top_p=s.top_p,
+            temperature=s.temperature,
+            max_new_tokens=s.max_new_tokens,
+            num_beams=s.num_beams,
+            seed=seed,
+            min_new_tokens=s.min_new_tokens,
+            repetition_penalty=s.repetition_penalty,
+            prompt=s.prompt,
+        )
 
     def _clean(self, texts: list[str]) -> list[str]:
         prompt = (self.settings.prompt or "").strip().lower()

@@ -1,4 +1,8 @@
-"""CLIP ranker: cosine similarity of image and text embeddings (BLIP-2's ranking signal)."""
+"""CLIP ranker: cosine similarity of image and text embeddings (BLIP-2's ranking signal).
+
+A bootstrapped bridge filter directory (``model_type: curate-bridge-filter``) ranks with
+its ITC embeddings.
+"""
 
 from __future__ import annotations
 
@@ -28,8 +32,19 @@ class ClipRanker:
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.batch_size = batch_size
+        import curate.models.bridge  # noqa: F401  (registers the bridge filter's model type)
+        from curate.models.bridge.filter import MODEL_TYPE as BRIDGE_FILTER
+
         try:
             model = transformers.AutoModel.from_pretrained(load.model, **load.model_kwargs())
+            self.bridge = model.config.model_type == BRIDGE_FILTER
+        except Exception as exc:
+            raise load_error("CLIP ranker", load, exc) from exc
+        if self.bridge:
+            self.model = move(model, self.device, self.dtype)
+            self.revision = model_revision(self.model)
+            return
+        try:
             if not hasattr(model, "get_image_features") or not hasattr(model, "get_text_features"):
                 raise ValueError(f"{type(model).__name__} is not a dual encoder (no get_image_features)")
             self.image_processor = transformers.AutoImageProcessor.from_pretrained(
@@ -45,6 +60,8 @@ class ClipRanker:
 
     @torch.inference_mode()
     def embed_images(self, images: list[Image.Image]) -> torch.Tensor:
+        if self.bridge:
+            return self.model.image_itc(self.model.encode_images(images)).float()
         pixel_values = self.image_processor(images=images, return_tensors="pt")["pixel_values"]
         feats = _features(
             self.model.get_image_features(pixel_values=pixel_values.to(self.device, self.dtype))
@@ -55,6 +72,10 @@ class ClipRanker:
     def embed_texts(self, texts: list[str]) -> torch.Tensor:
         chunks = []
         for start in range(0, len(texts), self.batch_size):
+            if self.bridge:
+                pooled = self.model.encode_texts(texts[start : start + self.batch_size])[2]
+                chunks.append(self.model.text_itc(pooled).float())
+                continue
             tok = self.tokenizer(
                 texts[start : start + self.batch_size],
                 padding=True,

@@ -1,7 +1,8 @@
 """ITM filter: BLIP's image-text matching head gives P(match) for each (image, text).
 
 Each image goes through the vision tower once; its features are reused for the
-alt-text and every synthetic caption.
+alt-text and every synthetic caption. A bootstrapped bridge filter directory
+(``model_type: curate-bridge-filter``, ``curate.models.bridge.filter``) is served too.
 """
 
 from __future__ import annotations
@@ -29,14 +30,24 @@ class ITMFilter:
         self.dtype = resolve_dtype(dtype, self.device)
         self.batch_size = batch_size
         self.max_text_tokens = max_text_tokens
+        import curate.models.bridge  # noqa: F401  (registers the bridge filter's model type)
+        from curate.models.bridge.filter import MODEL_TYPE as BRIDGE_FILTER
+
         try:
             config = transformers.AutoConfig.from_pretrained(load.model, **load.kwargs())
-            if config.model_type != "blip":
+            self.bridge = config.model_type == BRIDGE_FILTER
+            if self.bridge:
+                model = transformers.AutoModel.from_pretrained(load.model, **load.model_kwargs())
+                self.processor = None
+            elif config.model_type != "blip":
                 raise ValueError(
                     f"the ITM filter needs a BLIP retrieval model, got model_type={config.model_type!r}"
                 )
-            model = transformers.BlipForImageTextRetrieval.from_pretrained(load.model, **load.model_kwargs())
-            self.processor = transformers.AutoProcessor.from_pretrained(load.model, **load.kwargs())
+            else:
+                model = transformers.BlipForImageTextRetrieval.from_pretrained(
+                    load.model, **load.model_kwargs()
+                )
+                self.processor = transformers.AutoProcessor.from_pretrained(load.model, **load.kwargs())
         except Exception as exc:
             raise load_error("ITM filter", load, exc) from exc
         self.model = move(model, self.device, self.dtype)
@@ -46,6 +57,8 @@ class ITMFilter:
     def __call__(self, images: list[Image.Image], texts: list[list[str]]) -> list[list[float]]:
         if not images:
             return []
+        if self.bridge:
+            return self.model.itm_scores(images, texts, batch_size=self.batch_size)
         pixel_values = self.processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
         pixel_values = pixel_values.to(self.device, self.dtype)
         image_embeds = self.model.vision_model(pixel_values=pixel_values).last_hidden_state

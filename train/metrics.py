@@ -1,0 +1,59 @@
+"""Retrieval and matching metrics without sklearn: ROC-AUC and recall@K both ways."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+
+def roc_auc(scores: Sequence[float] | np.ndarray, labels: Sequence[int] | np.ndarray) -> float:
+    """Area under the ROC curve: P(score of a random positive > a random negative), ties count 1/2.
+
+    Mann-Whitney U with average ranks, so it is exact for any number of ties.
+    """
+    s = np.asarray(scores, dtype=np.float64)
+    y = np.asarray(labels).astype(bool)
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    if n_pos == 0 or n_neg == 0:
+        raise ValueError("ROC-AUC needs at least one positive and one negative")
+    order = np.argsort(s, kind="mergesort")
+    ranks = np.empty(len(s), dtype=np.float64)
+    sorted_s = s[order]
+    i = 0
+    while i < len(s):
+        j = i
+        while j + 1 < len(s) and sorted_s[j + 1] == sorted_s[i]:
+            j += 1
+        ranks[order[i : j + 1]] = (i + j) / 2 + 1  # average 1-based rank of the tie group
+        i = j + 1
+    u = ranks[y].sum() - n_pos * (n_pos + 1) / 2
+    return float(u / (n_pos * n_neg))
+
+
+def recall_at_k(
+    sim: torch.Tensor | np.ndarray,
+    ks: Sequence[int] = (1, 5, 10),
+    positive_mask: torch.Tensor | np.ndarray | None = None,
+) -> dict[str, float]:
+    """Recall@K for image->text (rows) and text->image (columns) of a square similarity matrix.
+
+    Pair i is image i with text i; with ``positive_mask`` any True entry is also a hit
+    (a duplicate caption retrieved for either image is right). Keys: ``i2t_r1``, ``t2i_r5``, ...
+    """
+    sim = torch.as_tensor(sim, dtype=torch.float64)
+    n = sim.shape[0]
+    if sim.shape != (n, n):
+        raise ValueError(f"recall_at_k needs a square matrix, got {tuple(sim.shape)}")
+    pos = torch.eye(n, dtype=torch.bool)
+    if positive_mask is not None:
+        pos = pos | torch.as_tensor(positive_mask, dtype=torch.bool)
+    out: dict[str, float] = {}
+    for name, m, p in (("i2t", sim, pos), ("t2i", sim.t(), pos.t())):
+        # rank of the best-scored positive: how many entries score strictly higher than it
+        best_pos = m.masked_fill(~p, float("-inf")).max(1).values
+        rank = (m > best_pos[:, None]).sum(1)
+        for k in ks:
+            out[f"{name}_r{k}"] = float((rank < k).double().mean())
+    return out

@@ -1,0 +1,344 @@
+"""Train the bootstrapped CapFilt filter (ITC + ITM with hard negatives) on human captions.
+
+The frozen backbones' features of the train and val splits are computed once on the
+driver and cached (``train.features``); Ray Train workers then train only the small
+fusion bridge (``curate.models.bridge.filter``) on the cache.
+
+CPU (this machine; ~tuxpaint, 2 Ray Train workers on the local embedded Ray):
+
+    python -m train.train_filter --data data/tuxpaint --workers 2 --device cpu \\
+        --output pipelines/models/bridge-filter --run-dir out/train_filter
+
+Multi-GPU (a Ray cluster with 4 GPUs; run from the repo root):
+
+    ray job submit --address http://HEAD:8265 --working-dir . -- \\
+        python -m train.train_filter --data /data/curated --workers 4 --device cuda \\
+        --output /data/models/bridge-filter --run-dir /data/runs/train_filter
+
+``--workers 0`` runs the same loop in this process without Ray (debugging). ``--resume``
+continues from the newest checkpoint in ``RUN_DIR/checkpoints``; each epoch reseeds with
+``seed + epoch``, so a resumed run ends where an uninterrupted one would. Per-epoch
+metrics go to the console and ``RUN_DIR/metrics.jsonl``; the final bridge is written with
+``save_pretrained`` to ``--output`` (config.json + model.safetensors, trainable parts only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from train.common import (
+    Hyperparams,
+    MetricsLogger,
+    latest_checkpoint,
+    launch,
+    load_checkpoint,
+    prepare_model,
+    report,
+    save_checkpoint,
+    seed_everything,
+    setup_logging,
+    shard_indices,
+    unwrap,
+    worker_info,
+)
+
+log = logging.getLogger("train.filter")
+
+
+@dataclass
+class FilterHparams(Hyperparams):
+    """Everything that changes the trained weights (saved in every checkpoint)."""
+
+    hidden_size: int = 256
+    num_layers: int = 2
+    num_heads: int = 4
+    proj_dim: int = 384  # == MiniLM's size: the text adapter starts as the identity
+    dropout: float = 0.1
+    itc_dropout: float = 0.5
+    label_prior: bool = True
+    label_temperature: float = 0.5
+    image_resize: str = "pad"
+    flip_augment: bool = True
+    epochs: int = 20
+    batch_size: int = 64  # global: split across workers
+    lr: float = 5e-4
+    weight_decay: float = 0.05
+    warmup_epochs: float = 1.0
+    itm_weight: float = 1.0
+    itc_weight: float = 1.0
+    grad_clip: float = 1.0
+    seed: int = 0
+
+
+def build_model(hp: FilterHparams):
+    """A freshly initialised bridge filter of ``hp``'s size (seed first for a fixed init)."""
+    from curate.models.bridge import BridgeFilterConfig, BridgeFilterModel
+
+    config = BridgeFilterConfig(
+        hidden_size=hp.hidden_size,
+        num_layers=hp.num_layers,
+        num_heads=hp.num_heads,
+        proj_dim=hp.proj_dim,
+        dropout=hp.dropout,
+        itc_dropout=hp.itc_dropout,
+        label_prior=hp.label_prior,
+        label_temperature=hp.label_temperature,
+        image_resize=hp.image_resize,
+    )
+    return BridgeFilterModel(config)
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """No weight decay on norms, biases, embeddings-like vectors and the temperature."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 and not name.endswith("image_pos") else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _batches(indices: list[int], batch_size: int) -> list[list[int]]:
+    # a last batch of one has no in-batch negative: fold it into the previous one
+    out = [indices[i : i + batch_size] for i in range(0, len(indices), batch_size)]
+    if len(out) > 1 and len(out[-1]) < 2:
+        out[-2].extend(out.pop())
+    return out
+
+
+@torch.no_grad()
+def val_loss(objective, feats, batch_size: int, seed: int, device: torch.device) -> float:
+    """Mean ITC + ITM loss on a split, hard negatives drawn with a fixed generator."""
+    was = objective.training
+    objective.eval()
+    gen = torch.Generator(device=device).manual_seed(seed)
+    total, count = 0.0, 0
+    for idx in _batches(list(range(len(feats))), batch_size):
+        out = objective(**feats.batch(idx, device), positive_mask=feats.positive_mask(idx), generator=gen)
+        total += float(out["loss"]) * len(idx)
+        count += len(idx)
+    objective.train(was)
+    return total / max(count, 1)
+
+
+def train_loop(config: dict) -> dict:
+    """One worker's training (``config``: hparams, feature files, run_dir, output, resume, device)."""
+    from train.evaluate import filter_metrics
+    from train.features import load_features
+    from train.losses import FilterLoss
+
+    hp = FilterHparams.from_dict(config["hparams"])
+    info = worker_info(config["device"])
+    run_dir = Path(config["run_dir"])
+    logger = MetricsLogger(run_dir / "metrics.jsonl", enabled=info.is_main)
+    train_feats = load_features(config["train_features"])
+    # augmented views of the same samples (mirrored images): one is drawn per sample and step
+    views = [train_feats] + [load_features(p) for p in config.get("train_view_features", [])]
+    val_feats = load_features(config["val_features"]) if config.get("val_features") else None
+
+    seed_everything(hp.seed)
+    model = build_model(hp)
+    objective = FilterLoss(model, itm_weight=hp.itm_weight, itc_weight=hp.itc_weight)
+    wrapped = prepare_model(objective, info)
+    optimizer = torch.optim.AdamW(param_groups(objective, hp.weight_decay), lr=hp.lr, betas=(0.9, 0.98))
+    per_worker = max(2, hp.batch_size // info.world_size)
+    steps_per_epoch = len(_batches(shard_indices(len(train_feats), info, hp.seed, 0), per_worker))
+    total = max(1, steps_per_epoch * hp.epochs)
+    warmup = max(1, int(steps_per_epoch * hp.warmup_epochs))
+
+    def schedule(step: int) -> float:  # linear warmup, cosine to 5% of the peak
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    start_epoch = 0
+    ckpt_dir = run_dir / "checkpoints"
+    if config.get("resume") and (ckpt := latest_checkpoint(ckpt_dir)) is not None:
+        state = load_checkpoint(ckpt, objective, optimizer, scheduler)
+        start_epoch = state["epoch"]
+        if info.is_main:
+            log.info("resumed from %s (epoch %d done)", ckpt, start_epoch)
+
+    metrics: dict = {}
+    for epoch in range(start_epoch, hp.epochs):
+        t0 = time.perf_counter()
+        seed_everything(hp.seed + epoch + 1)  # dropout and negative mining replay on resume
+        wrapped.train()
+        sums = {"loss": 0.0, "itc": 0.0, "itm": 0.0, "itm_acc": 0.0}
+        batches = _batches(shard_indices(len(train_feats), info, hp.seed, epoch), per_worker)
+        for idx in batches:
+            batch = train_feats.batch(idx, info.device)
+            if len(views) > 1:
+                pick = torch.randint(len(views), (len(idx),)).tolist()
+                batch["image_tokens"] = (
+                    torch.stack([views[v].image_tokens[i] for v, i in zip(pick, idx)]).float().to(info.device)
+                )
+            out = wrapped(**batch, positive_mask=train_feats.positive_mask(idx))
+            optimizer.zero_grad(set_to_none=True)
+            out["loss"].backward()
+            if hp.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(objective.parameters(), hp.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            with torch.no_grad():
+                model.logit_scale.clamp_(0, math.log(100.0))
+            for k in sums:
+                sums[k] += float(out[k].detach())
+        metrics = {f"train_{k}": v / max(1, len(batches)) for k, v in sums.items()}
+        metrics["lr"] = scheduler.get_last_lr()[0]
+        metrics["epoch_seconds"] = round(time.perf_counter() - t0, 2)
+        logger.log(epoch + 1, "train", metrics)
+        if info.is_main and val_feats is not None:
+            bare = unwrap(wrapped)
+            val = {"loss": val_loss(bare, val_feats, per_worker, hp.seed, info.device)}
+            val.update(filter_metrics(bare.model, val_feats, hp.seed, info.device))
+            logger.log(epoch + 1, "val", val)
+            metrics.update({f"val_{k}": v for k, v in val.items()})
+        if info.is_main:
+            save_checkpoint(ckpt_dir, epoch + 1, objective, optimizer, hp, metrics, scheduler)
+        report({"epoch": epoch + 1, **metrics}, info)
+
+    if info.is_main:
+        save_bridge(model, config["output"], config.get("save_dtype", "fp32"))
+    return {"epoch": hp.epochs, **metrics}
+
+
+def save_bridge(model, output: str | Path, dtype: str = "fp32") -> Path:
+    """``save_pretrained`` the trainable bridge (fp16 halves the file) into ``output``."""
+    import copy
+
+    output = Path(output)
+    out_model = copy.deepcopy(model).eval()
+    if dtype == "fp16":
+        out_model = out_model.half()
+    out_model.save_pretrained(output, safe_serialization=True)
+    return output
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    # data
+    parser.add_argument("--data", default="data/tuxpaint", help="root with train/ and val/ shard directories")
+    parser.add_argument(
+        "--train", default=None, help="train shards (dir, glob, brace range); default DATA/train"
+    )
+    parser.add_argument(
+        "--val", default=None, help="val shards; default DATA/val ('none' to skip validation)"
+    )
+    parser.add_argument("--max-train-samples", type=int, default=None, help="use the first N train samples")
+    parser.add_argument("--max-val-samples", type=int, default=None, help="use the first N val samples")
+    parser.add_argument("--cache-dir", default=None, help="feature cache (default $CURATE_CACHE/features)")
+    # model
+    parser.add_argument("--hidden-size", type=int, default=256, help="fusion width")
+    parser.add_argument("--num-layers", type=int, default=2, help="fusion layers (self + cross attention)")
+    parser.add_argument("--num-heads", type=int, default=4, help="attention heads")
+    parser.add_argument(
+        "--proj-dim", type=int, default=384, help="ITC size (384: identity-initialised text side)"
+    )
+    parser.add_argument("--itc-dropout", type=float, default=0.5, help="input dropout of the ITC projections")
+    parser.add_argument(
+        "--no-label-prior", dest="label_prior", action="store_false", help="no ImageNet-label zero-shot prior"
+    )
+    parser.add_argument(
+        "--label-temperature", type=float, default=0.5, help="softmax temperature of the prior"
+    )
+    parser.add_argument("--image-resize", default="pad", choices=["pad", "crop"], help="square the image by")
+    parser.add_argument(
+        "--no-flip", dest="flip_augment", action="store_false", help="no mirrored-image feature view"
+    )
+    parser.add_argument("--dropout", type=float, default=0.1, help="dropout in the fusion layers")
+    # optimisation
+    parser.add_argument("--epochs", type=int, default=20, help="passes over the train split")
+    parser.add_argument("--batch-size", type=int, default=64, help="global batch (split across workers)")
+    parser.add_argument("--lr", type=float, default=5e-4, help="peak AdamW learning rate")
+    parser.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay (matrices only)")
+    parser.add_argument("--warmup-epochs", type=float, default=1.0, help="linear warmup, then cosine")
+    parser.add_argument("--itm-weight", type=float, default=1.0, help="weight of the ITM loss")
+    parser.add_argument("--itc-weight", type=float, default=1.0, help="weight of the ITC loss")
+    parser.add_argument("--grad-clip", type=float, default=1.0, help="max grad norm (0: off)")
+    parser.add_argument("--seed", type=int, default=0, help="init, data order, dropout and negative mining")
+    # run
+    parser.add_argument("--workers", type=int, default=1, help="Ray Train workers (0: in-process, no Ray)")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="cuda: one GPU per worker")
+    parser.add_argument("--ray-address", default=None, help="join this Ray cluster (default: embedded local)")
+    parser.add_argument("--run-dir", default="out/train_filter", help="checkpoints, metrics.jsonl, Ray files")
+    parser.add_argument("--output", default="out/train_filter/model", help="save_pretrained directory")
+    parser.add_argument(
+        "--save-dtype", default="fp32", choices=["fp32", "fp16"], help="dtype of the saved bridge"
+    )
+    parser.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoints")
+    args = parser.parse_args(argv)
+
+    from train.data import list_shards, split_shards
+    from train.features import cached_features
+
+    setup_logging()
+    hp = FilterHparams.from_namespace(args)
+    run_dir = Path(args.run_dir).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not args.resume:
+        for old in (run_dir / "checkpoints").glob("epoch-*.pt"):
+            old.unlink()
+        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+    start = time.perf_counter()
+    train_shards = list_shards(args.train) if args.train else split_shards(args.data, "train")
+    encode = {"resize": args.image_resize}
+    _, train_path = cached_features(train_shards, args.cache_dir, args.max_train_samples, **encode)
+    view_paths = []
+    if args.flip_augment:
+        _, flip_path = cached_features(
+            train_shards, args.cache_dir, args.max_train_samples, flip=True, **encode
+        )
+        view_paths.append(str(flip_path))
+    val_path = None
+    if args.val != "none":
+        val_shards = list_shards(args.val) if args.val else split_shards(args.data, "val")
+        _, val_path = cached_features(val_shards, args.cache_dir, args.max_val_samples, **encode)
+    features_s = time.perf_counter() - start
+    config = {
+        "hparams": hp.to_dict(),
+        "train_features": str(train_path),
+        "train_view_features": view_paths,
+        "val_features": str(val_path) if val_path else None,
+        "run_dir": str(run_dir),
+        "output": str(Path(args.output).resolve()),
+        "save_dtype": args.save_dtype,
+        "resume": args.resume,
+        "device": args.device,
+    }
+    t0 = time.perf_counter()
+    result = launch(
+        train_loop,
+        config,
+        workers=args.workers,
+        use_gpu=args.device == "cuda",
+        storage_path=run_dir / "ray",
+        name="train_filter",
+        ray_address=args.ray_address,
+    )
+    summary = {
+        **result,
+        "features_seconds": round(features_s, 2),
+        "train_seconds": round(time.perf_counter() - t0, 2),
+        "output": config["output"],
+    }
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(json.dumps(summary, indent=2))
+    return summary
+
+
+if __name__ == "__main__":
+    main()
+    sys.exit(0)
