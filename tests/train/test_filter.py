@@ -303,8 +303,35 @@ def test_seed_fixes_the_result_and_resume_continues(tmp_path, shards):
     c = _weights(tmp_path / "c" / "model")
     assert all(torch.allclose(a[k], c[k], atol=1e-6) for k in a)
     lines = [json.loads(x) for x in (tmp_path / "c" / "metrics.jsonl").read_text().splitlines()]
-    assert [(r["epoch"], r["split"]) for r in lines] == [(1, "train"), (1, "val"), (2, "train"), (2, "val")]
-    assert {"itm_auc", "i2t_r1", "t2i_r1", "loss"} <= set(lines[-1])
+    # each run ends with the ITM calibration on val
+    assert [(r["epoch"], r["split"]) for r in lines] == [
+        (1, "train"),
+        (1, "val"),
+        (1, "calibration"),
+        (2, "train"),
+        (2, "val"),
+        (2, "calibration"),
+    ]
+    assert {"itm_auc", "i2t_r1", "t2i_r1", "loss"} <= set(lines[-2])
+
+
+def test_calibration_is_an_affine_map_of_the_match_margin(tmp_path, shards):
+    from train.train_filter import calibrate_itm
+
+    feats, _ = features.cached_features([str(shards["val"])], tmp_path)
+    model = tiny_model(seed=1)
+    rows = list(range(len(feats)))
+
+    def margins() -> torch.Tensor:
+        b = feats.batch(rows)
+        with torch.no_grad():
+            logits = model.itm_logits(b["image_tokens"], b["text_states"], b["text_mask"])
+        return logits[:, 1] - logits[:, 0]
+
+    before = margins()
+    fit = calibrate_itm(model, feats, seed=0)
+    assert fit["itm_scale"] > 0
+    torch.testing.assert_close(margins(), fit["itm_scale"] * before + fit["itm_shift"], rtol=1e-4, atol=1e-4)
 
 
 def test_ray_train_with_two_cpu_workers(tmp_path, shards, ray_train_local):
@@ -314,7 +341,7 @@ def test_ray_train_with_two_cpu_workers(tmp_path, shards, ray_train_local):
     assert model.config.hidden_size == 32
     assert (tmp_path / "run" / "checkpoints" / "epoch-0001.pt").exists()
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
-    assert [json.loads(x)["split"] for x in lines] == ["train", "val"]
+    assert [json.loads(x)["split"] for x in lines] == ["train", "val", "calibration"]
 
 
 def test_evaluate_writes_trained_and_untrained_columns(tmp_path, shards, saved_bridge):
