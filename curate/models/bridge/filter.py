@@ -198,6 +198,8 @@ class BridgeFilterModel(PreTrainedModel):
 
     def __init__(self, config: BridgeFilterConfig) -> None:
         super().__init__(config)
+        if config.label_prior:
+            backbones.imagenet_class_names()  # fail at load, naming the package, not at the first batch
         d = config.hidden_size
         fdrop = config.feature_dropout
         self.image_in = nn.Sequential(
