@@ -75,32 +75,27 @@ def _blip_config(tok):
     return BlipConfig(text_config=text, vision_config=_vision(32), projection_dim=32)
 
 
-def build_blip_captioner(directory: str | Path, seed: int = 0) -> Path:
+def _build_blip(model_class: str, directory: str | Path, seed: int) -> Path:
     import torch
-    from transformers import BlipForConditionalGeneration, BlipImageProcessorPil, BlipProcessor
+    import transformers
+    from transformers import BlipImageProcessorPil, BlipProcessor
 
     directory = Path(directory)
     torch.manual_seed(seed)
     tok = _tokenizer(directory)
-    model = BlipForConditionalGeneration(_blip_config(tok))
+    model = getattr(transformers, model_class)(_blip_config(tok))
     model.save_pretrained(directory, safe_serialization=True)
     image_processor = BlipImageProcessorPil(size={"height": 32, "width": 32})
     BlipProcessor(image_processor=image_processor, tokenizer=tok).save_pretrained(directory)
     return directory
+
+
+def build_blip_captioner(directory: str | Path, seed: int = 0) -> Path:
+    return _build_blip("BlipForConditionalGeneration", directory, seed)
 
 
 def build_blip_itm(directory: str | Path, seed: int = 0) -> Path:
-    import torch
-    from transformers import BlipForImageTextRetrieval, BlipImageProcessorPil, BlipProcessor
-
-    directory = Path(directory)
-    torch.manual_seed(seed)
-    tok = _tokenizer(directory)
-    model = BlipForImageTextRetrieval(_blip_config(tok))
-    model.save_pretrained(directory, safe_serialization=True)
-    image_processor = BlipImageProcessorPil(size={"height": 32, "width": 32})
-    BlipProcessor(image_processor=image_processor, tokenizer=tok).save_pretrained(directory)
-    return directory
+    return _build_blip("BlipForImageTextRetrieval", directory, seed)
 
 
 def build_clip(directory: str | Path, seed: int = 0) -> Path:
