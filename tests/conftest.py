@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import make_shard as _make_shard
+from tests.helpers import start_local_ray
 
 
 @pytest.fixture(scope="session")
@@ -25,3 +26,9 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def make_shard():
     """``make_shard(path, samples) -> Path``: see tests.helpers.make_shard."""
     return _make_shard
+
+
+@pytest.fixture
+def ray_local():
+    """A real in-process Ray (function-scoped: see tests.helpers.start_local_ray)."""
+    return start_local_ray()

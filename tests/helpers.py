@@ -85,3 +85,25 @@ def write_tar(path: str | Path, members: Iterable[tuple[str, bytes]]) -> Path:
 def make_shard(path: str | Path, samples: list[dict[str, Any]]) -> Path:
     """Write an img2dataset-layout WebDataset tar from sample dicts (see ``sample_members``)."""
     return write_tar(path, [m for s in samples for m in sample_members(s)])
+
+
+def start_local_ray():
+    """A real in-process Ray, started on first use and shared by later tests.
+
+    Tests that stop Ray (the cluster test shuts it down before `ray stop`) leave the
+    next caller to start it again.
+    """
+    import tempfile
+
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(
+            address="local",
+            num_cpus=4,
+            include_dashboard=False,
+            log_to_driver=False,
+            _temp_dir=tempfile.mkdtemp(prefix="ray-"),
+            configure_logging=False,
+        )
+    return ray

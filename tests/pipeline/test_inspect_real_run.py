@@ -16,26 +16,14 @@ from curate.cli import main
 from curate.config import pipeline_from_dict
 from curate.io.reader import expand_inputs, shard_refs
 from curate.pipeline import run_pipeline
-from tests.helpers import image_bytes, make_shard
+from tests.helpers import image_bytes, make_shard, start_local_ray
 
 CHROMIUM = Path("/usr/bin/chromium")
 
 
 @pytest.fixture(scope="module")
 def real_run(tiny_models, tmp_path_factory) -> Path:
-    import tempfile
-
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(
-            address="local",
-            num_cpus=4,
-            include_dashboard=False,
-            log_to_driver=False,
-            _temp_dir=tempfile.mkdtemp(prefix="ray-"),
-            configure_logging=False,
-        )
+    start_local_ray()
     d = tmp_path_factory.mktemp("run")
     for s in range(2):
         samples = [

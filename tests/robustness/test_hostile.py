@@ -7,31 +7,12 @@ import json
 from pathlib import Path
 
 import pyarrow.parquet as pq
-import pytest
 import webdataset as wds
 
 from curate.config import pipeline_from_dict
 from curate.io.reader import expand_inputs, shard_refs
 from curate.pipeline import run_pipeline
 from tests.robustness.hostile import dump, expected_faults, write_hostile_shards
-
-
-@pytest.fixture
-def ray_local():
-    import tempfile
-
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(
-            address="local",
-            num_cpus=4,
-            include_dashboard=False,
-            log_to_driver=False,
-            _temp_dir=tempfile.mkdtemp(prefix="ray-"),
-            configure_logging=False,
-        )
-    return ray
 
 
 def test_every_hostile_case_is_a_row(ray_local, tiny_models, tmp_path: Path):

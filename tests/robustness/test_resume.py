@@ -17,7 +17,7 @@ import pytest
 
 from curate.io.reader import expand_inputs, shard_refs
 from curate.pipeline import run_pipeline
-from tests.helpers import image_bytes, make_shard
+from tests.helpers import image_bytes, make_shard, start_local_ray
 
 pytestmark = pytest.mark.slow
 N_SHARDS, PER_SHARD = 6, 6
@@ -151,19 +151,9 @@ def test_sigkill_driver_then_resume(kill_after, pipeline_file, shards, clean_row
 
 def test_actor_killed_mid_run_is_restarted(pipeline_file, shards, clean_rows, tmp_path):
     """SIGKILL a captioner actor process while it works; Ray restarts it and retries."""
-    import ray
-
     from curate.config import load_pipeline
 
-    if not ray.is_initialized():
-        ray.init(
-            address="local",
-            num_cpus=4,
-            include_dashboard=False,
-            log_to_driver=False,
-            _temp_dir=tempfile.mkdtemp(prefix="ray-"),
-            configure_logging=False,
-        )
+    start_local_ray()
     cfg = load_pipeline(pipeline_file)
     killed: list[int] = []
 
