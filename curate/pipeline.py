@@ -39,6 +39,7 @@ from curate.io.writer import (
     done_shards,
     output_fs,
     read_shard_metas,
+    write_atomic,
 )
 from curate.models.rewriter import PACKAGED_PREFIX
 from curate.schema import STATUSES
@@ -388,8 +389,5 @@ def write_manifest(
         "samples_per_s": this_run["samples_per_s"],
         "runs": [*previous.get("runs", []), this_run],
     }
-    tmp = f"{root}/.{MANIFEST}.tmp"
-    with fs.open(tmp, "wb") as f:
-        f.write(json.dumps(manifest, indent=2).encode())
-    fs.mv(tmp, f"{root}/{MANIFEST}")
+    write_atomic(fs, f"{root}/{MANIFEST}", json.dumps(manifest, indent=2).encode())
     return manifest

@@ -197,7 +197,7 @@ class ShardWriter:
             "fault": self.fault,
             "wall_s": round(time.time() - self.started, 3),
         }
-        _write_atomic(
+        write_atomic(
             self.fs, f"{base}/{SHARD_META_DIR}/{self.shard.name}.json", json.dumps(meta, indent=1).encode()
         )
         token = uuid.uuid4().hex[:8]
@@ -217,7 +217,7 @@ class ShardWriter:
                     self.fs.rm(self._tar_tmp)
 
 
-def _write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
+def write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
     tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
     with fs.open(tmp, "wb") as f:
         f.write(data)

@@ -218,3 +218,26 @@ def test_web_subset_is_spread_and_reproducible(tmp_path):
     assert write_subset([str(src)], 3, tmp_path / "sub")[0].read_bytes() == first
     with tarfile.open(write_subset([str(src)], 0, tmp_path / "all")[0]) as tar:
         assert len(tar.getnames()) == 20
+
+
+def test_experiment_entry_point_on_raw_web_shards(raw_shard, tmp_path, monkeypatch):
+    """The one-command comparison end to end for the arm that needs no curation run
+    (the curated arms' `curate run` is covered by the pipeline tests)."""
+    from train import experiment
+
+    monkeypatch.setenv("CURATE_CACHE", str(tmp_path / "cache"))
+    tux = tmp_path / "tux"
+    (tux / "test").mkdir(parents=True)
+    (tux / "test" / "00000.tar").write_bytes(raw_shard.read_bytes())
+    argv = ["--web", str(raw_shard.parent), "--per-shard", "3", "--tuxpaint", str(tux)]
+    argv += ["--work", str(tmp_path / "work"), "--arms", "raw", "--seeds", "0", "1", "--steps", "3"]
+    assert experiment.main([*argv, "--batch-size", "2", "--workers", "0", "--captioner-epochs", "0"]) == 0
+    record = json.loads((tmp_path / "work" / "results.json").read_text())
+    assert record["stats"]["raw"]["samples"] == 2  # every 2nd of 4 samples, at most 3
+    assert len(record["runs"]["raw"]) == 2 and record["budget"]["steps"] == 3
+    mean, spread = record["summary"]["raw"]["i2t_r1"]
+    values = [r["i2t_r1"] for r in record["runs"]["raw"]]
+    assert mean == pytest.approx(sum(values) / 2) and spread >= 0
+    table = (tmp_path / "work" / "results.md").read_text()
+    assert "| raw | " in table and "zero-shot acc" in table and "± " in table
+    assert (tmp_path / "work" / "results.png").read_bytes()[:4] == b"\x89PNG"
