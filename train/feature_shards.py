@@ -37,6 +37,10 @@ log = logging.getLogger("train.feature_shards")
 FORMAT_VERSION = 1
 
 
+class EmptyShardError(ValueError):
+    """A tar without one usable image-caption sample (e.g. a curated shard that kept nothing)."""
+
+
 @dataclass
 class FeatureShard:
     """One tar's embeddings: image row i has captions ``text[offsets[i]:offsets[i+1]]``."""
@@ -180,7 +184,7 @@ def encode_shard(
     if batch:
         flush()
     if not keys:
-        raise ValueError(f"{shard}: no usable image-caption sample to encode")
+        raise EmptyShardError(f"{shard}: no usable image-caption sample to encode")
     counts = torch.tensor([0] + [len(c) for c in captions], dtype=torch.long)
     feature_shard = FeatureShard(
         keys=keys,
@@ -196,10 +200,22 @@ def encode_shard(
 
 
 def encode_shards(shards: Sequence[str], cache_dir: str | Path | None = None, **kwargs) -> list[Path]:
-    """``encode_shard`` for each tar, in order."""
+    """``encode_shard`` for each tar, in order; tars with no usable sample are skipped with a warning.
+
+    A curation run writes a curated tar for every input shard, and one whose samples were
+    all dropped is empty; only when every tar is empty is there nothing to train on.
+    """
     if not shards:
         raise ValueError("no shards to encode")
-    return [encode_shard(s, cache_dir, **kwargs) for s in shards]
+    paths = []
+    for s in shards:
+        try:
+            paths.append(encode_shard(s, cache_dir, **kwargs))
+        except EmptyShardError as exc:
+            log.warning("skipping %s", exc)
+    if not paths:
+        raise EmptyShardError(f"none of the {len(shards)} shards has a usable sample: {list(shards)[:3]}")
+    return paths
 
 
 def iter_batches(

@@ -17,7 +17,14 @@ from PIL import Image
 from curate.io.writer import tar_members
 from tests.helpers import encode_image, image_bytes, make_shard, write_tar
 from train.contrastive import ContrastiveHeads, category_label, evaluate, positive_mask
-from train.feature_shards import encode_shard, iter_batches, load_feature_shard, shard_cache_path
+from train.feature_shards import (
+    EmptyShardError,
+    encode_shard,
+    encode_shards,
+    iter_batches,
+    load_feature_shard,
+    shard_cache_path,
+)
 from train.losses import ITCLoss
 
 COLOURS = [(220, 30, 30), (30, 200, 40), (20, 40, 220), (240, 220, 20), (250, 250, 250), (10, 10, 10)]
@@ -100,10 +107,16 @@ def test_raw_shard_uses_its_txt_and_records_categories(raw_shard, tmp_path):
     assert category_label("naturalforces/wind") == "natural forces" and category_label(None) is None
 
 
-def test_encode_shard_names_a_tar_without_samples(tmp_path):
+def test_encode_shard_names_a_tar_without_samples(raw_shard, tmp_path):
     empty = write_tar(tmp_path / "empty.tar", [("a.txt", b"text but no image")])
-    with pytest.raises(ValueError, match=r"empty\.tar: no usable"):
+    with pytest.raises(EmptyShardError, match=r"empty\.tar: no usable"):
         encode_shard(str(empty), cache_dir=tmp_path)
+    # a curated shard that kept nothing is skipped among others, and fatal only alone
+    assert encode_shards([str(empty), str(raw_shard)], cache_dir=tmp_path) == [
+        encode_shard(str(raw_shard), cache_dir=tmp_path)
+    ]
+    with pytest.raises(EmptyShardError, match="none of the 1 shards"):
+        encode_shards([str(empty)], cache_dir=tmp_path)
 
 
 def test_batches_split_rows_across_ranks_and_sample_kept_captions(curated_shard, tmp_path):
