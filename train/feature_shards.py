@@ -30,7 +30,13 @@ import torch
 
 from curate.models.bridge import backbones
 from train.data import DEFAULT_MAX_SIDE, Pair, iter_pairs
-from train.features import _backbone_versions, default_cache_dir
+from train.features import (
+    backbone_versions,
+    default_cache_dir,
+    file_digest,
+    read_safetensors,
+    write_safetensors,
+)
 
 log = logging.getLogger("train.feature_shards")
 
@@ -72,22 +78,14 @@ def sample_captions(pair: Pair) -> list[str]:
     return texts or [pair.caption]
 
 
-def _file_digest(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def shard_cache_path(shard: str, cache_dir: str | Path | None, resize: str, max_side: int) -> Path:
     """Where ``encode_shard`` keeps this tar's features: named by content and settings."""
-    content = _file_digest(shard) if os.path.isfile(shard) else shard
+    content = file_digest(shard) if os.path.isfile(shard) else shard
     blob = json.dumps(
         {
             "format": FORMAT_VERSION,
             "content": content,
-            "backbones": _backbone_versions(),
+            "backbones": backbone_versions(),
             "resize": resize,
             "max_side": max_side,
             "image_size": backbones.IMAGE_SIZE,
@@ -109,31 +107,20 @@ def _encode(pairs: list[Pair], resize: str, device: str | torch.device) -> tuple
 
 def save_feature_shard(shard: FeatureShard, path: str | Path) -> Path:
     """Write safetensors atomically; keys, captions and categories travel in its metadata."""
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    save_file(
-        {"image": shard.image.contiguous(), "text": shard.text.contiguous(), "offsets": shard.offsets},
-        str(tmp),
-        metadata={
+    return write_safetensors(
+        {"image": shard.image, "text": shard.text, "offsets": shard.offsets},
+        path,
+        {
             "keys": json.dumps(shard.keys),
             "captions": json.dumps(shard.captions, ensure_ascii=False),
             "categories": json.dumps(shard.categories),
         },
     )
-    os.replace(tmp, path)
-    return path
 
 
 def load_feature_shard(path: str | Path) -> FeatureShard:
     """Read a file written by ``save_feature_shard``."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata()
-        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+    meta, tensors = read_safetensors(path)
     return FeatureShard(
         keys=json.loads(meta["keys"]),
         captions=json.loads(meta["captions"]),

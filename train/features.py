@@ -64,7 +64,7 @@ class Features:
         return torch.tensor([[a == b for b in norm] for a in norm])
 
 
-def _backbone_versions() -> dict[str, str]:
+def backbone_versions() -> dict[str, str]:
     out = {}
     for name in BACKBONE_PACKAGES:
         try:
@@ -72,6 +72,35 @@ def _backbone_versions() -> dict[str, str]:
         except importlib.metadata.PackageNotFoundError:
             out[name] = "missing"
     return out
+
+
+def file_digest(path: str | Path) -> str:
+    """sha256 of a file's bytes, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str]) -> Path:
+    """Save ``tensors`` (contiguous copies) with string ``metadata``: temp name, then rename."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+    return path
+
+
+def read_safetensors(path: str | Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """(metadata, tensors) of a file written by ``write_safetensors``."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return f.metadata(), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (no __iter__)
 
 
 def cache_key(
@@ -87,18 +116,14 @@ def cache_key(
     files = []
     for s in shards:
         if os.path.isfile(s):  # content, not mtime: a re-fetch of the same data keeps its cache
-            digest = hashlib.sha256()
-            with open(s, "rb") as f:
-                while chunk := f.read(1 << 20):
-                    digest.update(chunk)
-            files.append([os.path.abspath(s), digest.hexdigest()])
+            files.append([os.path.abspath(s), file_digest(s)])
         else:  # a URL: its name is all we know
             files.append([s, None])
     blob = json.dumps(
         {
             "format": FORMAT_VERSION,
             "files": files,
-            "backbones": _backbone_versions(),
+            "backbones": backbone_versions(),
             "max_samples": max_samples,
             "image_size": image_size,
             "max_text_tokens": max_text_tokens,
@@ -155,32 +180,21 @@ def compute_features(
 
 def save_features(features: Features, path: str | Path) -> Path:
     """Write safetensors atomically; keys and captions travel in the file's metadata."""
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    save_file(
+    return write_safetensors(
         {
-            "image_tokens": features.image_tokens.contiguous(),
-            "text_states": features.text_states.contiguous(),
-            "text_mask": features.text_mask.to(torch.int8).contiguous(),
-            "text_pooled": features.text_pooled.contiguous(),
+            "image_tokens": features.image_tokens,
+            "text_states": features.text_states,
+            "text_mask": features.text_mask.to(torch.int8),
+            "text_pooled": features.text_pooled,
         },
-        str(tmp),
-        metadata={"keys": json.dumps(features.keys), "captions": json.dumps(features.captions)},
+        path,
+        {"keys": json.dumps(features.keys), "captions": json.dumps(features.captions)},
     )
-    os.replace(tmp, path)
-    return path
 
 
 def load_features(path: str | Path) -> Features:
     """Read a file written by ``save_features``."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata()
-        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+    meta, tensors = read_safetensors(path)
     return Features(
         keys=json.loads(meta["keys"]),
         captions=json.loads(meta["captions"]),
