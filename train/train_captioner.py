@@ -5,7 +5,10 @@ the caption tokens; the image tokens of the frozen encoder are computed once per
 and cached (``train.features``), so an epoch costs the LM's forward and backward only.
 Default data: the human-captioned tuxpaint stamps (``data/tuxpaint/{train,val}``).
 ``--train-shards`` trains the same family on any img2dataset-layout tars whose ``.txt``
-is the target caption, e.g. a curation run's ``OUT/shards/*.tar`` (KALE stage 2).
+is the target caption, e.g. a curation run's ``OUT/shards/*.tar`` (KALE stage 2);
+``--init-from`` starts from a saved bridge (its architecture and weights) instead of a
+fresh one, which is how a few hundred stage-1 captions can teach the seed captioner
+without it collapsing to one caption.
 
 CPU, one Ray Train worker (the committed model: 6 epochs in 12.5 min on 2 busy cores,
 plus ~4 min to cache the frozen features the first time). One torch thread and bf16
@@ -109,6 +112,43 @@ def _lm_hidden_size(path: str) -> int:
     return int(cfg.get("hidden_size") or cfg["text_config"]["hidden_size"])
 
 
+ARCHITECTURE_FIELDS = (
+    "hidden_size",
+    "num_queries",
+    "num_layers",
+    "num_heads",
+    "prompt",
+    "max_caption_tokens",
+    "language_model",
+)
+
+
+def init_hparams(hp: CaptionerHparams, init_from: str | Path) -> CaptionerHparams:
+    """``hp`` with the architecture of the saved bridge in ``init_from`` (its config.json wins)."""
+    path = Path(init_from)
+    if not (path / "config.json").is_file() or not (path / "model.safetensors").is_file():
+        raise FileNotFoundError(
+            f"--init-from {path}: expected a saved bridge (config.json + model.safetensors)"
+        )
+    saved = json.loads((path / "config.json").read_text())
+    if saved.get("model_type") != "curate-bridge-captioner":
+        kind = saved.get("model_type")
+        raise ValueError(f"--init-from {path}: not a bridge captioner (model_type {kind!r})")
+    values = hp.to_dict()
+    values.update({k: saved[k] for k in ARCHITECTURE_FIELDS if k in saved})
+    return CaptionerHparams.from_dict(values)
+
+
+def load_bridge_weights(model, init_from: str | Path) -> None:
+    """Start from a saved bridge's weights (fine-tuning, e.g. KALE stage 2 from the seed captioner)."""
+    from safetensors.torch import load_file
+
+    state = load_file(str(Path(init_from) / "model.safetensors"))
+    own = model.state_dict()
+    state = {k: v.to(own[k].dtype) if k in own else v for k, v in state.items()}
+    model.load_state_dict(state, strict=True)
+
+
 def _batches(indices: list[int], batch_size: int):
     for start in range(0, len(indices), batch_size):
         yield indices[start : start + batch_size]
@@ -182,6 +222,8 @@ def train_loop(config: dict) -> dict:
 
     seed_everything(hp.seed)
     model = build_model(hp)
+    if config.get("init_from"):
+        load_bridge_weights(model, config["init_from"])
     bare = model
     bare.language_model()  # load the frozen LM before DDP wraps the bridge
     model = prepare_model(model, info)
@@ -291,6 +333,11 @@ def main(argv: list[str] | None = None) -> dict:
     add("--run-dir", default=None, help="checkpoints, metrics.jsonl, Ray (default .cache/runs/NAME)")
     add("--resume", action="store_true", help="continue from the newest checkpoint in run dir")
     add("--save-dtype", choices=["fp16", "fp32"], default="fp16", help="dtype of the saved file")
+    add(
+        "--init-from",
+        default=None,
+        help="saved bridge to fine-tune from (its architecture is used), e.g. the seed captioner",
+    )
     # compute
     add("--device", choices=["auto", "cpu", "cuda"], default="cpu", help="worker device")
     add("--workers", type=int, default=1, help="Ray Train workers (0: this process, no Ray)")
@@ -330,6 +377,8 @@ def main(argv: list[str] | None = None) -> dict:
     from train.features import cached_features
 
     hp = CaptionerHparams.from_namespace(args)
+    if args.init_from:
+        hp = init_hparams(hp, args.init_from)
     if args.train_shards:
         train_shards = list_shards(args.train_shards)
     else:
@@ -357,6 +406,7 @@ def main(argv: list[str] | None = None) -> dict:
         "output": str(Path(args.output).resolve()),
         "resume": args.resume,
         "save_dtype": args.save_dtype,
+        "init_from": str(Path(args.init_from).resolve()) if args.init_from else None,
     }
     if args.threads:
         config["threads"] = args.threads

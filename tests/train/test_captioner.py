@@ -311,6 +311,31 @@ def test_training_is_repeatable_and_resumes_to_the_same_weights(shards, tiny_lm,
     assert [r["epoch"] for r in lines] == [1, 1, 2, 2, 2, 2]
 
 
+def test_init_from_starts_at_the_saved_bridge_and_keeps_its_architecture(shards, tiny_lm, tmp_path):
+    import json as _json
+
+    from train.train_captioner import main
+
+    common = ("--workers", "0", "--save-dtype", "fp32")
+    main(train_args(shards, tiny_lm, tmp_path, "seed", *common, "--epochs", "1"))
+    # a different --hidden-size on the command line: the saved bridge's architecture wins
+    init = ("--init-from", str(tmp_path / "seed"))
+    args = train_args(shards, tiny_lm, tmp_path, "ft", *common, "--epochs", "0", *init)
+    args[args.index("--hidden-size") + 1] = "64"
+    main(args)
+    seed, ft = saved_weights(tmp_path / "seed"), saved_weights(tmp_path / "ft")
+    assert seed.keys() == ft.keys() and all(torch.equal(seed[k], ft[k]) for k in seed)
+    assert _json.loads((tmp_path / "ft" / "config.json").read_text())["hidden_size"] == 32
+
+    # one epoch of fine-tuning moves the weights away from the start
+    main(train_args(shards, tiny_lm, tmp_path, "ft2", *common, "--epochs", "1", *init))
+    ft2 = saved_weights(tmp_path / "ft2")
+    assert any(not torch.equal(seed[k], ft2[k]) for k in seed)
+
+    with pytest.raises(FileNotFoundError, match=r"--init-from .*nowhere"):
+        main(train_args(shards, tiny_lm, tmp_path, "bad", *common, "--init-from", str(tmp_path / "nowhere")))
+
+
 def test_evaluate_captioner_scores_a_saved_bridge(shards, tiny_lm, tmp_path):
     from train.evaluate_captioner import evaluate_captioner
 
