@@ -19,6 +19,7 @@ import yaml
 
 Device = Literal["auto", "cpu", "cuda"]
 DType = Literal["fp32", "fp16", "bf16"]
+PACKAGED_PREFIX = "packaged:"  # models shipped in registry packages, e.g. packaged:smollm2
 
 
 class ConfigError(ValueError):
@@ -38,6 +39,9 @@ class ModelConfig:
     num_gpus: float = 0.0
     num_cpus: float = 0.5
     concurrency: int = 1
+    # torch CPU threads in each actor; null: Ray's OMP_NUM_THREADS, i.e. num_cpus rounded
+    # down, at least 1. The stage that bounds a CPU run (the captioner) wants the cores.
+    num_threads: int | None = None
     trust_remote_code: bool = False
     allow_pickle_weights: bool = False
 
@@ -46,6 +50,8 @@ class ModelConfig:
             raise ConfigError(f"{prefix}.model: a Hugging Face id or a local directory is required")
         _positive(self.batch_size, f"{prefix}.batch_size")
         _positive(self.concurrency, f"{prefix}.concurrency")
+        if self.num_threads is not None:
+            _positive(self.num_threads, f"{prefix}.num_threads")
         if self.num_gpus < 0:
             raise ConfigError(f"{prefix}.num_gpus: must be >= 0, got {self.num_gpus}")
         if self.num_cpus < 0:
@@ -187,9 +193,14 @@ class ReadConfig:
     them into their own ``batch_size``). Fixed per shard, so reruns repeat captions."""
 
     batch_size: int = 64
+    # shards read at once; null: as many as free CPU slots allow. Each reader is a worker
+    # process holding its shard's blocks, so this bounds memory on a big input.
+    concurrency: int | None = None
 
     def _validate(self, prefix: str) -> None:
         _positive(self.batch_size, f"{prefix}.batch_size")
+        if self.concurrency is not None:
+            _positive(self.concurrency, f"{prefix}.concurrency")
 
 
 @dataclass
@@ -201,8 +212,11 @@ class DecodeConfig:
     max_side: int = 1024  # decoded images are downscaled to this long side for the models
     max_text_bytes: int = 65_536
     num_cpus: float = 0.5
+    concurrency: int | None = None  # decode tasks at once; null: as many as free CPU slots allow
 
     def _validate(self, prefix: str) -> None:
+        if self.concurrency is not None:
+            _positive(self.concurrency, f"{prefix}.concurrency")
         _positive(self.min_side, f"{prefix}.min_side")
         _positive(self.max_pixels, f"{prefix}.max_pixels")
         _positive(self.max_side, f"{prefix}.max_side")

@@ -4,6 +4,9 @@
            --> filter (actors) --> rank (actors) --> policy (tasks)
            --> driver: RunWriter (per-shard atomic files)
 
+When the filter and the ranker are the same bridge filter (ITM and ITC heads of one
+model), one actor pool computes both scores, encoding each image and text once.
+
 Ray Data streams blocks between operators with backpressure, so memory is bounded by
 the blocks in flight, not by the input size. Each input shard is read by one task that
 yields small batches and, last, a ``shard_end`` row carrying the shard's sample count;
@@ -18,17 +21,15 @@ import logging
 import os
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib import metadata
 from typing import Any
 
-import pyarrow as pa
-
 from curate import __version__
-from curate.config import ModelConfig, PipelineConfig
-from curate.io.reader import ShardRef, read_shard
+from curate.config import PACKAGED_PREFIX, ModelConfig, PipelineConfig
+from curate.io.reader import ShardRef
 from curate.io.writer import (
     MANIFEST,
     PIPELINE_FILE,
@@ -41,13 +42,10 @@ from curate.io.writer import (
     read_shard_metas,
     write_atomic,
 )
-from curate.models.rewriter import PACKAGED_PREFIX
 from curate.schema import STATUSES
 from curate.stages.decode import decode_batch
-from curate.stages.models import CaptionStage, FilterStage, RankStage
 from curate.stages.policy import apply_policy
-from curate.stages.rewrite import RewriteStage
-from curate.stages.rows import to_table
+from curate.stages.rows import read_shards_batch
 
 log = logging.getLogger("curate.pipeline")
 
@@ -67,13 +65,6 @@ PACKAGES = (
 
 class OutputConflictError(RuntimeError):
     """The output directory holds a run of a different pipeline."""
-
-
-def read_shards_batch(batch: pa.Table, batch_size: int) -> Iterator[pa.Table]:
-    """Ray Data entry point: one row per shard in, a stream of row batches out."""
-    for url, name in zip(batch.column("url").to_pylist(), batch.column("name").to_pylist()):
-        for rows in read_shard(ShardRef(url=url, name=name), batch_size=batch_size):
-            yield to_table(rows)
 
 
 def _actor_args(cfg: ModelConfig) -> dict[str, Any]:
@@ -97,6 +88,10 @@ def build_dataset(cfg: PipelineConfig, shards: list[ShardRef]):
     """The lazy Ray Dataset of finished rows for ``shards``."""
     import ray.data
 
+    # the model stages import torch; the driver and the CPU tasks never need it
+    from curate.stages.models import CaptionStage, FilterStage, RankStage, ScoreStage, fused_scoring
+    from curate.stages.rewrite import RewriteStage
+
     ds = ray.data.from_items(
         [{"url": s.url, "name": s.name} for s in shards], override_num_blocks=len(shards)
     )
@@ -106,6 +101,7 @@ def build_dataset(cfg: PipelineConfig, shards: list[ShardRef]):
         batch_size=1,
         batch_format="pyarrow",
         num_cpus=0.25,
+        concurrency=cfg.read.concurrency,
     )
     ds = ds.map_batches(
         decode_batch,
@@ -113,6 +109,11 @@ def build_dataset(cfg: PipelineConfig, shards: list[ShardRef]):
         batch_size=None,
         batch_format="pyarrow",
         num_cpus=cfg.decode.num_cpus,
+        concurrency=cfg.decode.concurrency,
+        # Ray's default task retries, stated: remote args that differ from the next actor
+        # stage's also keep Ray Data from fusing decode into the captioner (where it would
+        # run in series with the model); as tasks, decoding overlaps with inference.
+        max_retries=3,
     )
     if cfg.captioner is not None:
         ds = ds.map_batches(
@@ -126,13 +127,20 @@ def build_dataset(cfg: PipelineConfig, shards: list[ShardRef]):
             fn_constructor_kwargs={"cfg": cfg.rewriter, "seed": cfg.seed, "error_policy": cfg.error_policy},
             **_actor_args(cfg.rewriter),
         )
-    if cfg.filter is not None:
+    fused = fused_scoring(cfg.filter, cfg.ranker)
+    if fused:  # one bridge filter, both heads: each image and text encoded once
+        ds = ds.map_batches(
+            ScoreStage,
+            fn_constructor_kwargs={"cfg": cfg.filter, "error_policy": cfg.error_policy},
+            **_actor_args(cfg.filter),
+        )
+    elif cfg.filter is not None:
         ds = ds.map_batches(
             FilterStage,
             fn_constructor_kwargs={"cfg": cfg.filter, "error_policy": cfg.error_policy},
             **_actor_args(cfg.filter),
         )
-    if cfg.ranker is not None:
+    if cfg.ranker is not None and not fused:
         ds = ds.map_batches(
             RankStage,
             fn_constructor_kwargs={"cfg": cfg.ranker, "error_policy": cfg.error_policy},
@@ -183,6 +191,7 @@ EXECUTION_FIELDS = frozenset(
         "num_gpus",
         "num_cpus",
         "concurrency",
+        "num_threads",
         # vLLM engine sizing (rewriter)
         "tensor_parallel_size",
         "gpu_memory_utilization",

@@ -83,3 +83,10 @@ def move(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> to
     for p in model.parameters():
         p.requires_grad_(False)
     return model
+
+
+def set_cpu_threads(num_threads: int | None) -> None:
+    """torch's intra-op threads for this process; None keeps what Ray set (OMP_NUM_THREADS)."""
+    if num_threads is not None and torch.get_num_threads() != num_threads:
+        torch.set_num_threads(num_threads)
+        log.info("torch CPU threads set to %d", num_threads)

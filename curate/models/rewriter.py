@@ -21,11 +21,10 @@ from pathlib import Path
 
 import torch
 
+from curate.config import PACKAGED_PREFIX
 from curate.models.base import LoadOptions, load_error, model_revision, move, resolve_device, resolve_dtype
 
 log = logging.getLogger("curate.models")
-
-PACKAGED_PREFIX = "packaged:"
 
 
 def _smollm2_dir() -> Path:

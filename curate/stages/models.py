@@ -9,13 +9,15 @@ error (or is re-raised with ``error_policy: raise``).
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from collections.abc import Callable
+from pathlib import Path
 
 import pyarrow as pa
 
 from curate.config import CaptionerConfig, FilterConfig, RankerConfig
-from curate.models.base import LoadOptions
+from curate.models.base import LoadOptions, set_cpu_threads
 from curate.schema import SOURCE_SYNTHETIC
 from curate.stages.decode import row_image
 from curate.stages.rows import fail, get_candidates, is_pending, set_candidates, to_rows, to_table
@@ -50,8 +52,9 @@ def batch_seed(seed: int, keys: list[str]) -> int:
 class _ModelStage:
     name = "model"
 
-    def __init__(self, error_policy: str = "capture") -> None:
+    def __init__(self, error_policy: str = "capture", num_threads: int | None = None) -> None:
         self.error_policy = error_policy
+        set_cpu_threads(num_threads)
 
     def process(self, rows: list[dict]) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -87,7 +90,7 @@ class CaptionStage(_ModelStage):
     name = "captioner"
 
     def __init__(self, cfg: CaptionerConfig, seed: int = 0, error_policy: str = "capture") -> None:
-        super().__init__(error_policy)
+        super().__init__(error_policy, cfg.num_threads)
         from curate.models.captioner import Captioner, GenerationSettings
 
         _quiet_transformers()
@@ -146,7 +149,7 @@ class FilterStage(_ScoreStage):
     field = "itm_score"
 
     def __init__(self, cfg: FilterConfig, error_policy: str = "capture") -> None:
-        super().__init__(error_policy)
+        super().__init__(error_policy, cfg.num_threads)
         from curate.models.itm import ITMFilter
 
         _quiet_transformers()
@@ -163,7 +166,7 @@ class RankStage(_ScoreStage):
     field = "clip_score"
 
     def __init__(self, cfg: RankerConfig, error_policy: str = "capture") -> None:
-        super().__init__(error_policy)
+        super().__init__(error_policy, cfg.num_threads)
         from curate.models.clip import ClipRanker
 
         _quiet_transformers()
@@ -171,3 +174,52 @@ class RankStage(_ScoreStage):
         self.model = ClipRanker(
             load_options(cfg), device=cfg.device, dtype=cfg.dtype, batch_size=cfg.batch_size
         )
+
+
+def fused_scoring(filter_cfg: FilterConfig | None, ranker_cfg: RankerConfig | None) -> bool:
+    """Filter and ranker are the same bridge filter (ITM and ITC heads of one model), loaded
+    the same way: one stage can compute both scores from one encoding of each image and text."""
+    if filter_cfg is None or ranker_cfg is None:
+        return False
+    same = ("model", "revision", "device", "dtype", "trust_remote_code", "allow_pickle_weights")
+    if any(getattr(filter_cfg, k) != getattr(ranker_cfg, k) for k in same):
+        return False
+    from curate.models.bridge.filter import MODEL_TYPE
+
+    config = Path(filter_cfg.model) / "config.json"
+    try:
+        return json.loads(config.read_text()).get("model_type") == MODEL_TYPE
+    except (OSError, ValueError):
+        return False
+
+
+class ScoreStage(_ModelStage):
+    """Filter and ranker in one actor for a bridge filter: ``itm_score`` and ``clip_score``
+    from one pass (the filter section's batch size and resources apply)."""
+
+    name = "filter+ranker"
+
+    def __init__(self, cfg: FilterConfig, error_policy: str = "capture") -> None:
+        super().__init__(error_policy, cfg.num_threads)
+        from curate.models.itm import ITMFilter
+
+        _quiet_transformers()
+        self.batch_size = cfg.batch_size
+        self.model = ITMFilter(
+            load_options(cfg), device=cfg.device, dtype=cfg.dtype, batch_size=cfg.batch_size
+        )
+        if not self.model.bridge:
+            raise ValueError(f"{cfg.model}: fused scoring needs a bridge filter")
+
+    def process(self, rows: list[dict]) -> None:
+        for start in range(0, len(rows), self.batch_size):
+            chunk = rows[start : start + self.batch_size]
+            cands = [get_candidates(r) for r in chunk]
+            itm, itc = self.model.model.itm_itc_scores(
+                [row_image(r) for r in chunk], [[c["text"] for c in cs] for cs in cands], self.batch_size
+            )
+            for row, cs, ms, rs in zip(chunk, cands, itm, itc):
+                for c, m, r in zip(cs, ms, rs):
+                    c["itm_score"] = float(m)
+                    c["clip_score"] = float(r)
+                set_candidates(row, cs)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from typing import Any
 
 import pyarrow as pa
@@ -46,3 +47,16 @@ def fail(row: dict, message: str) -> None:
     row["error"] = message
     row["pixels"] = None
     row["image"] = None
+
+
+def read_shards_batch(batch: pa.Table, batch_size: int) -> Iterator[pa.Table]:
+    """Ray Data entry point: one row per shard in, a stream of row batches out.
+
+    It lives in a module without torch, as do decode and policy: a CPU task worker
+    then holds pyarrow and Pillow only, not a model library's few hundred MB.
+    """
+    from curate.io.reader import ShardRef, read_shard
+
+    for url, name in zip(batch.column("url").to_pylist(), batch.column("name").to_pylist()):
+        for rows in read_shard(ShardRef(url=url, name=name), batch_size=batch_size):
+            yield to_table(rows)

@@ -386,3 +386,53 @@ def test_pipeline_wrappers_refuse_pickle_only_bridge(tmp_path, saved_bridge):
         ITMFilter(LoadOptions(str(tmp_path)), device="cpu")
     with pytest.raises(RuntimeError, match="safetensors"):
         ClipRanker(LoadOptions(str(tmp_path)), device="cpu")
+
+
+def test_fused_score_stage_writes_the_scores_of_filter_then_ranker(saved_bridge, tmp_path):
+    from curate.config import FilterConfig, RankerConfig
+    from curate.stages.models import FilterStage, RankStage, ScoreStage, fused_scoring
+    from curate.stages.rows import to_table
+
+    filter_cfg = FilterConfig(model=str(saved_bridge), device="cpu", batch_size=2)
+    ranker_cfg = RankerConfig(model=str(saved_bridge), device="cpu", batch_size=2)
+    assert fused_scoring(filter_cfg, ranker_cfg)
+    # a different model, dtype or a missing section: two stages, as before
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "config.json").write_text('{"model_type": "blip"}')
+    assert not fused_scoring(filter_cfg, RankerConfig(model=str(other), device="cpu"))
+    assert not fused_scoring(filter_cfg, RankerConfig(model=str(saved_bridge), device="cpu", dtype="bf16"))
+    assert not fused_scoring(filter_cfg, None)
+
+    from curate.config import DecodeConfig
+    from curate.io.reader import ShardRef, read_shard
+    from curate.stages.decode import decode_rows
+
+    alts = ["a frog", "a bird", None]
+    shard = make_shard(
+        tmp_path / "00000.tar",
+        [
+            {"key": f"{i:06d}", "image": noise_image(40, 30, seed=i), "format": "png", "txt": alt}
+            for i, alt in enumerate(alts)
+        ],
+    )
+    rows = [r for b in read_shard(ShardRef(url=str(shard), name="00000"), batch_size=8) for r in b]
+    rows = decode_rows([r for r in rows if r["row_type"] == "sample"], DecodeConfig())
+    for row in rows:  # a second candidate besides the alt-text where there is one
+        cands = json.loads(row["candidates"]) if row.get("candidates") else []
+        cands += [{"text": "a dog", "source": "synthetic", "itm_score": None, "clip_score": None}] * bool(
+            cands
+        )
+        row["candidates"] = json.dumps(cands)
+    separate = RankStage(ranker_cfg, error_policy="raise")(
+        FilterStage(filter_cfg, error_policy="raise")(to_table(rows))
+    )
+    fused = ScoreStage(filter_cfg, error_policy="raise")(to_table(rows))
+    a = [json.loads(c) for c in separate.column("candidates").to_pylist()]
+    b = [json.loads(c) for c in fused.column("candidates").to_pylist()]
+    assert [len(c) for c in b] == [2, 2, 0]
+    for ca, cb in zip(a, b):
+        for x, y in zip(ca, cb):
+            assert x["text"] == y["text"]
+            assert y["itm_score"] == pytest.approx(x["itm_score"], abs=1e-5)
+            assert y["clip_score"] == pytest.approx(x["clip_score"], abs=1e-5)

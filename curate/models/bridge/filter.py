@@ -378,6 +378,28 @@ class BridgeFilterModel(PreTrainedModel):
             scores.extend((image_feat.index_select(0, idx) * text_feat).sum(-1).tolist())
         return _split(scores, texts_per_image)
 
+    @torch.inference_mode()
+    def itm_itc_scores(
+        self, images: list[Image.Image], texts_per_image: list[list[str]], batch_size: int = 64
+    ) -> tuple[list[list[float]], list[list[float]]]:
+        """``itm_scores`` and ``itc_scores`` in one pass: each image and each text encoded once."""
+        if not images:
+            return [], []
+        image_tokens = self.encode_images(images)
+        image_feat = self.image_itc(image_tokens).float()
+        pairs = [(i, t) for i, ts in enumerate(texts_per_image) for t in ts]
+        itm: list[float] = []
+        itc: list[float] = []
+        for start in range(0, len(pairs), batch_size):
+            chunk = pairs[start : start + batch_size]
+            states, mask, pooled = self.encode_texts([t for _, t in chunk])
+            idx = torch.tensor([i for i, _ in chunk], device=self._device)
+            logits = self.itm_logits(image_tokens, states, mask, image_index=idx).float()
+            itm.extend(torch.softmax(logits, dim=-1)[:, 1].tolist())
+            text_feat = self.text_itc(pooled).float()
+            itc.extend((image_feat.index_select(0, idx) * text_feat).sum(-1).tolist())
+        return _split(itm, texts_per_image), _split(itc, texts_per_image)
+
 
 def register() -> None:
     """Make ``AutoConfig``/``AutoModel`` load a bridge filter directory without remote code."""
