@@ -113,12 +113,18 @@ def decoded_samples(paths: list[Path], cfg) -> list[tuple]:
     return [(row_image(r), r["alt_text"]) for r in rows]
 
 
-def load_models(cfg) -> dict:
-    from curate.stages.models import CaptionStage, FilterStage, RankStage
+def load_models(cfg, fuse: bool = True) -> dict:
+    from curate.stages.models import CaptionStage, FilterStage, RankStage, ScoreStage, fused_scoring
 
     models = {}
     if cfg.captioner:
         models["captioner"] = CaptionStage(cfg.captioner, seed=cfg.seed).model
+    if fuse and fused_scoring(cfg.filter, cfg.ranker):  # as the pipeline runs it: both heads in one pass
+        bridge = ScoreStage(cfg.filter).model.model
+        models["filter+ranker"] = lambda images, texts: bridge.itm_itc_scores(
+            images, texts, cfg.filter.batch_size
+        )
+        return models
     if cfg.filter:
         models["filter"] = FilterStage(cfg.filter).model
     if cfg.ranker:
@@ -139,10 +145,10 @@ def model_only(cfg, models: dict, samples: list[tuple]) -> tuple[float, dict[str
             for j, c in enumerate(caps):
                 texts[start + j].extend(c)
         spent["captioner"] = time.perf_counter() - t
-    for name in ("filter", "ranker"):
+    for name in ("filter", "ranker", "filter+ranker"):
         if name not in models:
             continue
-        bs = getattr(cfg, name).batch_size
+        bs = getattr(cfg, name.split("+")[0]).batch_size
         t = time.perf_counter()
         for start in range(0, len(images), bs):
             models[name](images[start : start + bs], texts[start : start + bs])
@@ -159,7 +165,7 @@ def naive(cfg, models: dict, samples: list[tuple], limit: int) -> float:
         texts = [alt] if alt else []
         if "captioner" in models:
             texts += models["captioner"]([img], seed=i)[0]
-        for name in ("filter", "ranker"):
+        for name in ("filter", "ranker"):  # a user's loop calls each model on its own
             if name in models:
                 for text in texts:  # one pair per call
                     models[name]([img], [[text]])
@@ -172,6 +178,7 @@ class RSSSampler:
     def __init__(self, pid: int) -> None:
         self.root = psutil.Process(pid)
         self.peak = 0
+        self.peak_at: list[tuple[str, int]] = []  # (process name, RSS) at the peak
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -179,11 +186,14 @@ class RSSSampler:
         while not self._stop.is_set():
             try:
                 procs = [self.root, *self.root.children(recursive=True)]
-                rss = 0
+                rss, parts = 0, []
                 for p in procs:
                     with contextlib.suppress(psutil.Error):
-                        rss += p.memory_info().rss
-                self.peak = max(self.peak, rss)
+                        one = p.memory_info().rss
+                        rss += one
+                        parts.append((" ".join(p.cmdline()[:3])[-60:], one))
+                if rss > self.peak:
+                    self.peak, self.peak_at = rss, parts
             except psutil.Error:
                 pass
             time.sleep(0.05)
@@ -218,6 +228,12 @@ def pipeline_run(pipeline: str, overrides: list[str], inputs: list[Path], out: P
         raise SystemExit(f"pipeline failed ({proc.returncode}):\n{log[-3000:]}")
     manifest = json.loads((out / "manifest.json").read_text())
     shards = [m for m in manifest["shards"].values()]
+    top = sorted(rss.peak_at, key=lambda x: -x[1])
+    print(
+        f"bench: {len(inputs)} shards, peak RSS {rss.peak / 2**20:.0f} MB in {len(top)} processes: "
+        + ", ".join(f"{name.strip()} {b / 2**20:.0f}" for name, b in top[:8]),
+        file=sys.stderr,
+    )
     return wall, rss.peak / 2**20, manifest, shards
 
 
@@ -272,20 +288,35 @@ def main() -> int:
     figs.model_only_sps, figs.model_only_breakdown_s = model_only(cfg, models, samples)
     print(f"bench: model-only {figs.model_only_sps:.2f} samples/s", file=sys.stderr)
     figs.naive_samples = min(args.naive_samples, len(samples))
+    if "filter+ranker" in models:
+        del models["filter+ranker"]
+        models.update({k: v for k, v in load_models(cfg, fuse=False).items() if k != "captioner"})
     figs.naive_sps = naive(cfg, models, samples, figs.naive_samples)
     print(f"bench: naive {figs.naive_sps:.2f} samples/s", file=sys.stderr)
     del models
 
     if not args.skip_rss:
         n = args.rss_n or args.samples
+        wall_n, done_n = wall, done
         if n != args.samples:
             small = make_input(args.input, n, work / "rss-n", args.per_shard)
-            _, figs.rss_n_mb, _, _ = pipeline_run(
+            wall_n, figs.rss_n_mb, small_manifest, _ = pipeline_run(
                 args.pipeline, overrides, small, work / "out-rn", args.num_cpus
             )
+            done_n = small_manifest["counts"]["total"]
         big = make_input(args.input, 10 * n, work / "rss-10n", args.per_shard)
-        _, figs.rss_10n_mb, _, _ = pipeline_run(
+        wall_10n, figs.rss_10n_mb, big_manifest, _ = pipeline_run(
             args.pipeline, overrides, big, work / "out-10n", args.num_cpus
+        )
+        done_10n = big_manifest["counts"]["total"]
+        figs.rss_samples_n = done_n
+        # the same fixed cost (Ray start, actor and model loading) is in both runs
+        if wall_10n > wall_n:
+            figs.pipeline_marginal_sps = (done_10n - done_n) / (wall_10n - wall_n)
+        print(
+            f"bench: 10N run {done_10n} samples in {wall_10n:.1f}s; "
+            f"marginal {figs.pipeline_marginal_sps:.2f} samples/s",
+            file=sys.stderr,
         )
 
     rows = [
