@@ -1,0 +1,42 @@
+"""The physical plan Ray Data builds for the demo pipeline (planned, not executed)."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from pathlib import Path
+
+from curate.config import load_pipeline
+from curate.io.reader import ShardRef
+from curate.pipeline import build_dataset
+from tests.helpers import start_local_ray
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def plan(cfg) -> str:
+    start_local_ray()
+    ds = build_dataset(cfg, [ShardRef(url="unused.tar", name="unused")])
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        ds.explain()
+    return out.getvalue()
+
+
+def test_decode_stays_in_cpu_tasks_and_one_actor_scores_with_the_bridge_filter():
+    cfg = load_pipeline(REPO / "pipelines" / "demo.yaml")
+    cfg.filter.model = cfg.ranker.model = str(REPO / "pipelines" / "models" / "bridge-filter")
+    text = plan(cfg)
+    assert "TaskPoolMapOperator[MapBatches(decode_batch)]" in text
+    assert "decode_batch)->MapBatches(CaptionStage)" not in text  # not fused into the actor
+    assert "MapBatches(ScoreStage)" in text
+    assert "FilterStage" not in text and "RankStage" not in text
+
+
+def test_a_filter_and_ranker_of_different_models_stay_two_stages():
+    cfg = load_pipeline(REPO / "pipelines" / "demo.yaml")
+    cfg.filter.model = str(REPO / "pipelines" / "models" / "bridge-filter")
+    cfg.ranker.model = str(REPO / "pipelines" / "models" / "bridge-captioner")  # any other directory
+    text = plan(cfg)
+    assert "MapBatches(FilterStage)" in text and "MapBatches(RankStage)" in text
+    assert "ScoreStage" not in text
