@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import socket
 import subprocess
@@ -53,6 +54,9 @@ def test_ray_start_head_and_job_submit(tiny_models, tmp_path):
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env["RAY_AUTH_MODE"] = "token"  # Ray 2.5x enables token auth on `ray start`; the client must send it
+    # `ray start` never creates a token, and ~/.ray/auth_token exists only where something
+    # made one: this test brings its own, for the head and the job client alike
+    env["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
     env["HF_HUB_OFFLINE"] = "1"
     temp_dir = tempfile.mkdtemp(prefix="rc-")  # short: Ray's socket paths have a length limit
     port, dash = _free_port(), _free_port()
