@@ -26,6 +26,7 @@ from transformers import PretrainedConfig, PreTrainedModel
 from transformers.utils import ModelOutput
 
 from curate.models.bridge import backbones
+from curate.models.sampling import sample_from_embeds
 
 ARTICLES = ("a", "an", "the")
 
@@ -318,22 +319,33 @@ class BridgeCaptionerModel(PreTrainedModel):
         lm, tok = self.language_model()
         embeds = self._prefix_embeds(features, prompt)
         eos = tok.eos_token_id
-        kw: dict[str, Any] = {
-            "max_new_tokens": max_new_tokens,
-            "min_new_tokens": min_new_tokens,
-            "num_return_sequences": num_captions,
-            "repetition_penalty": repetition_penalty,
-            "eos_token_id": eos,
-            "pad_token_id": tok.pad_token_id if tok.pad_token_id is not None else eos,
-        }
-        if do_sample:
-            kw.update(do_sample=True, top_p=top_p, top_k=0, temperature=temperature, num_beams=1)
-        else:
-            kw.update(do_sample=False, num_beams=max(num_beams, num_captions))
         if seed is not None:
             torch.manual_seed(seed)
-        mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
-        ids = lm.generate(inputs_embeds=embeds, attention_mask=mask, **kw)
+        if do_sample:  # prefix prefilled once per image, nucleus found without a vocabulary sort
+            ids = sample_from_embeds(
+                lm,
+                embeds,
+                num_captions,
+                max_new_tokens,
+                eos,
+                top_p=top_p,
+                temperature=temperature,
+                min_new_tokens=min_new_tokens,
+                repetition_penalty=repetition_penalty,
+            )
+        else:  # greedy or beam search: generate() as is
+            ids = lm.generate(
+                inputs_embeds=embeds,
+                attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device),
+                do_sample=False,
+                num_beams=max(num_beams, num_captions),
+                num_return_sequences=num_captions,
+                max_new_tokens=max_new_tokens,
+                min_new_tokens=min_new_tokens,
+                repetition_penalty=repetition_penalty,
+                eos_token_id=eos,
+                pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else eos,
+            )
         texts = [" ".join(t.split()) for t in tok.batch_decode(ids, skip_special_tokens=True)]
         return [texts[i * num_captions : (i + 1) * num_captions] for i in range(features.shape[0])]
 

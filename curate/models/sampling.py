@@ -1,0 +1,121 @@
+"""Sampled decoding for a causal LM fed input embeddings: prefill once, sample N per prompt.
+
+Why not ``generate()`` for nucleus sampling: with ``num_return_sequences=N`` it copies
+each prompt N times before the prefill, keeps computing finished rows until the
+longest one stops, and its top-p warper sorts the whole vocabulary (49k tokens for
+SmolLM2) for every row at every step, then draws with ``multinomial`` over the whole
+vocabulary too. On a CPU the sort and the draw cost about as much as the model's own
+forward pass. Here the prompt is prefilled once and its cache repeated N times,
+finished rows leave the batch, and the nucleus is found among the top ``k`` tokens
+(all of the vocabulary only for a row whose top ``k`` hold less than ``top_p``).
+
+The distribution is the same as ``generate(do_sample=True, top_p=..., top_k=0)``:
+temperature, then the smallest set of most likely tokens whose mass reaches ``top_p``,
+renormalised; ``repetition_penalty`` (CTRL's, on the tokens generated so far) and
+``min_new_tokens`` act as transformers' processors do.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+
+# candidates looked at before falling back to a whole-vocabulary sort: a captioner's
+# next-token distribution is peaked, so 0.9 of its mass sits in far fewer tokens
+NUCLEUS_CANDIDATES = 128
+
+
+def nucleus_sample(
+    logits: torch.Tensor, top_p: float = 0.9, temperature: float = 1.0, candidates: int = NUCLEUS_CANDIDATES
+) -> torch.Tensor:
+    """(B, V) logits -> (B,) token ids drawn from each row's top-p nucleus."""
+    logits = logits.float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    k = min(candidates, logits.shape[-1]) if top_p < 1.0 else logits.shape[-1]
+    values, ids = logits.topk(k, dim=-1)  # sorted, most likely first
+    probs = (values - torch.logsumexp(logits, dim=-1, keepdim=True)).exp()
+    before = probs.cumsum(-1) - probs  # mass of the more likely tokens
+    short = before[:, -1] + probs[:, -1] < top_p  # the nucleus reaches past the candidates
+    if k < logits.shape[-1] and bool(short.any()):
+        rows = short.nonzero().squeeze(1)
+        out = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
+        out[~short] = _draw(probs[~short], before[~short], ids[~short], top_p)
+        out[rows] = nucleus_sample(logits[rows], top_p, 1.0, candidates=logits.shape[-1])
+        return out
+    return _draw(probs, before, ids, top_p)
+
+
+def _draw(probs: torch.Tensor, before: torch.Tensor, ids: torch.Tensor, top_p: float) -> torch.Tensor:
+    # a token is in the nucleus when the tokens more likely than it hold less than top_p;
+    # the most likely one always is
+    probs = probs.masked_fill(before >= top_p, 0.0)
+    probs[:, 0] = probs[:, 0].clamp_min(torch.finfo(probs.dtype).tiny)
+    choice = torch.multinomial(probs, 1)
+    return ids.gather(-1, choice).squeeze(-1)
+
+
+def _penalise(logits: torch.Tensor, generated: torch.Tensor, penalty: float) -> torch.Tensor:
+    """CTRL's repetition penalty on the tokens each row has generated (as transformers applies it)."""
+    score = logits.gather(1, generated)
+    score = torch.where(score < 0, score * penalty, score / penalty)
+    return logits.scatter(1, generated, score)
+
+
+def _cache_keyword(lm: torch.nn.Module) -> str:
+    """transformers 5 names the cache argument ``cache``; 4.x calls it ``past_key_values``."""
+    return "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
+
+
+@torch.inference_mode()
+def sample_from_embeds(
+    lm: torch.nn.Module,
+    embeds: torch.Tensor,
+    num_return_sequences: int,
+    max_new_tokens: int,
+    eos_token_id: int,
+    top_p: float = 0.9,
+    temperature: float = 1.0,
+    min_new_tokens: int = 0,
+    repetition_penalty: float = 1.0,
+) -> list[list[int]]:
+    """Token ids of ``num_return_sequences`` samples per prompt, prompt-major, without the EOS.
+
+    ``embeds`` (B, P, H) are unpadded prompts of equal length (the bridge's prefix), so
+    no attention mask is needed; the draws use torch's global generator (seed it first).
+    """
+    from transformers import DynamicCache
+
+    n = num_return_sequences
+    cache = DynamicCache()  # filled in place by each forward
+    cache_kw = _cache_keyword(lm)
+    out = lm(inputs_embeds=embeds, use_cache=True, logits_to_keep=1, **{cache_kw: cache})
+    logits = out.logits[:, -1].float()
+    if n > 1:
+        cache.batch_repeat_interleave(n)
+        logits = logits.repeat_interleave(n, dim=0)
+    total = logits.shape[0]
+    tokens: list[list[int]] = [[] for _ in range(total)]
+    alive = torch.arange(total, device=logits.device)  # which output row each batch row is
+    generated = torch.empty((total, 0), dtype=torch.long, device=logits.device)
+    for step in range(max_new_tokens):
+        if repetition_penalty != 1.0 and step > 0:
+            logits = _penalise(logits, generated, repetition_penalty)
+        if step < min_new_tokens:
+            logits[:, eos_token_id] = -float("inf")
+        nxt = nucleus_sample(logits, top_p, temperature)
+        for row, tok in zip(alive.tolist(), nxt.tolist()):
+            if tok != eos_token_id:
+                tokens[row].append(tok)
+        keep = nxt != eos_token_id
+        if step == max_new_tokens - 1 or not bool(keep.any()):
+            break
+        if not bool(keep.all()):  # finished rows leave the batch and the cache
+            idx = keep.nonzero().squeeze(1)
+            cache.batch_select_indices(idx)
+            alive, nxt, generated = alive[idx], nxt[idx], generated[idx]
+        generated = torch.cat([generated, nxt[:, None]], dim=1)
+        out = lm(input_ids=nxt[:, None], use_cache=True, **{cache_kw: cache})
+        logits = out.logits[:, -1].float()
+    return tokens
