@@ -109,6 +109,34 @@ REWRITE_FIELDS = frozenset({"dense_caption", "alt_text"})
 
 
 @dataclass
+class RewriteExample:
+    """One worked example shown to the LLM before each sample (a user turn filled from the
+    template, then ``caption`` as the assistant's answer)."""
+
+    dense_caption: str = ""
+    alt_text: str = ""
+    caption: str = ""
+
+    def _validate(self, prefix: str) -> None:
+        for name in ("dense_caption", "caption"):
+            if not getattr(self, name).strip():
+                raise ConfigError(f"{prefix}.{name}: must not be empty")
+
+
+# Few-shot examples: a 135M model given only the instruction often answers with one input
+# copied, a loop, or talk about the task; two or three worked answers fix the format and
+# show what to keep from the alt-text (names, years, species) and what to drop (file names).
+DEFAULT_REWRITE_EXAMPLES = (
+    RewriteExample("a dog.", "Golden Retriever puppy sitting clipart", "A golden retriever puppy sitting."),
+    RewriteExample("a red car.", "1967 Ford Mustang vector", "A red 1967 Ford Mustang."),
+    RewriteExample(
+        "a bird on a branch.", "European robin (Erithacus rubecula)", "A European robin perched on a branch."
+    ),
+    RewriteExample("a building.", "img_2041.jpg", "A building."),
+)
+
+
+@dataclass
 class RewriterConfig(ModelConfig):
     """KALE rewrite: an LLM merges the dense caption and the alt-text; guard rails reject bad rewrites."""
 
@@ -116,6 +144,7 @@ class RewriterConfig(ModelConfig):
     batch_size: int = 16
     system_prompt: str | None = DEFAULT_REWRITE_SYSTEM_PROMPT
     prompt_template: str = DEFAULT_REWRITE_TEMPLATE
+    examples: list[RewriteExample] = field(default_factory=lambda: list(DEFAULT_REWRITE_EXAMPLES))
     use_chat_template: bool = True
     max_input_chars: int = 1000  # each input is cut to this before prompting (alt-texts can be huge)
     max_new_tokens: int = 96
@@ -166,6 +195,8 @@ class RewriterConfig(ModelConfig):
                 f"{prefix}.prompt_template: must use exactly {{dense_caption}} and {{alt_text}}, "
                 f"got {sorted(fields)}"
             )
+        for i, example in enumerate(self.examples):
+            example._validate(f"{prefix}.examples[{i}]")
         if self.backend == "vllm" and 0 < self.num_gpus < self.tensor_parallel_size:
             raise ConfigError(
                 f"{prefix}.num_gpus: tensor_parallel_size={self.tensor_parallel_size} needs "
@@ -380,6 +411,11 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
             except ConfigError as exc:
                 errors.append(str(exc))
         raise ConfigError(errors[0] if len(errors) == 1 else f"{name}: invalid value {value!r}")
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{name}: expected a list, got {value!r}")
+        (item,) = typing.get_args(tp)
+        return [_coerce(v, item, f"{name}[{i}]") for i, v in enumerate(value)]
     if origin is Literal:
         choices = typing.get_args(tp)
         if value not in choices:

@@ -54,6 +54,8 @@ def resolve_model(name: str) -> str:
 @dataclass(frozen=True)
 class RewriteSettings:
     system_prompt: str | None = None
+    # worked examples, (user prompt, answer) pairs shown before each prompt
+    examples: tuple[tuple[str, str], ...] = ()
     use_chat_template: bool = True
     max_new_tokens: int = 96
     do_sample: bool = False
@@ -68,14 +70,22 @@ class Rewrite:
     truncated: bool  # stopped by max_new_tokens rather than by the model's end token
 
 
-def chat_messages(system_prompt: str | None, prompt: str) -> list[dict[str, str]]:
+def chat_messages(
+    system_prompt: str | None, prompt: str, examples: tuple[tuple[str, str], ...] = ()
+) -> list[dict[str, str]]:
+    """System prompt, each example as a user turn and the assistant's answer, then the prompt."""
     messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    for user, answer in examples:
+        messages += [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
     return [*messages, {"role": "user", "content": prompt}]
 
 
-def plain_prompt(system_prompt: str | None, prompt: str) -> str:
-    """For base models without a chat template: the system prompt as a plain preamble."""
-    return f"{system_prompt}\n\n{prompt}\n" if system_prompt else f"{prompt}\n"
+def plain_prompt(system_prompt: str | None, prompt: str, examples: tuple[tuple[str, str], ...] = ()) -> str:
+    """For base models without a chat template: the system prompt as a plain preamble, and
+    each example as its prompt followed by its answer."""
+    parts = [system_prompt] if system_prompt else []
+    parts += [f"{user}\n{answer}" for user, answer in examples]
+    return "\n\n".join([*parts, prompt]) + "\n"
 
 
 class Rewriter:
@@ -119,9 +129,9 @@ class Rewriter:
         """The exact text the model sees (chat template with the generation prompt, or plain)."""
         s = self.settings
         if not s.use_chat_template:
-            return plain_prompt(s.system_prompt, prompt)
+            return plain_prompt(s.system_prompt, prompt, s.examples)
         return self.tokenizer.apply_chat_template(
-            chat_messages(s.system_prompt, prompt), add_generation_prompt=True, tokenize=False
+            chat_messages(s.system_prompt, prompt, s.examples), add_generation_prompt=True, tokenize=False
         )
 
     def _generate_kwargs(self) -> dict:
@@ -238,10 +248,10 @@ class VLLMRewriter:
         s = self.settings
         params = self._params(seed)
         if s.use_chat_template:
-            convs = [chat_messages(s.system_prompt, p) for p in prompts]
+            convs = [chat_messages(s.system_prompt, p, s.examples) for p in prompts]
             outs = self.llm.chat(convs, params, use_tqdm=False)
         else:
-            texts = [plain_prompt(s.system_prompt, p) for p in prompts]
+            texts = [plain_prompt(s.system_prompt, p, s.examples) for p in prompts]
             outs = self.llm.generate(texts, params, use_tqdm=False)
         # finish_reason 'length': the token budget ended it, not the model
         firsts = [o.outputs[0] for o in outs]

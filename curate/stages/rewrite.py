@@ -190,6 +190,10 @@ class RewriteStage(_ModelStage):
         self.echo_labels = self.labels if cfg.reject_prompt_echo else ()
         settings = RewriteSettings(
             system_prompt=cfg.system_prompt,
+            examples=tuple(
+                (build_prompt(cfg.prompt_template, e.dense_caption, e.alt_text), e.caption)
+                for e in cfg.examples
+            ),
             use_chat_template=cfg.use_chat_template,
             max_new_tokens=cfg.max_new_tokens,
             do_sample=cfg.do_sample,

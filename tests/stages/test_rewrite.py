@@ -130,6 +130,63 @@ def test_rewriter_renders_the_chat_template(lms):
     assert plain.render("hello") == "hello\n"
 
 
+def test_examples_are_rendered_as_turns_before_the_prompt(lms):
+    from curate.models.base import LoadOptions
+    from curate.models.rewriter import Rewriter, RewriteSettings, chat_messages
+
+    shots = (("D: a cat", "A cat."), ("D: a bike", "A red bike."))
+    rw = Rewriter(LoadOptions(str(lms["random"])), RewriteSettings(system_prompt="s", examples=shots))
+    assert rw.render("D: a mat") == (
+        "<s>system\ns</s>\n<s>user\nD: a cat</s>\n<s>assistant\nA cat.</s>\n"
+        "<s>user\nD: a bike</s>\n<s>assistant\nA red bike.</s>\n<s>user\nD: a mat</s>\n<s>assistant\n"
+    )
+    plain = Rewriter(
+        LoadOptions(str(lms["random"])), RewriteSettings("s", examples=shots, use_chat_template=False)
+    )
+    assert plain.render("D: a mat") == "s\n\nD: a cat\nA cat.\n\nD: a bike\nA red bike.\n\nD: a mat\n"
+    # vLLM's chat() gets the same conversation
+    assert [m["role"] for m in chat_messages("s", "D: a mat", shots)] == [
+        "system",
+        "user",
+        "assistant",
+        "user",
+        "assistant",
+        "user",
+    ]
+
+
+def test_stage_fills_the_examples_from_the_template(lms):
+    from curate.config import RewriteExample
+
+    stage = _stage(
+        lms["random"],
+        prompt_template="D: {dense_caption} | A: {alt_text}",
+        examples=[RewriteExample("a  dog.", "Rex.jpg", "A dog named Rex.")],
+    )
+    assert stage.model.settings.examples == (("D: a dog. | A: Rex.jpg", "A dog named Rex."),)
+    assert _stage(lms["random"], examples=[]).model.settings.examples == ()
+
+
+def test_default_examples_show_a_merge_and_a_dropped_file_name():
+    cfg = pipeline_from_dict({"captioner": {"model": "m"}, "rewriter": {"model": "m"}})
+    answers = {e.alt_text: e.caption for e in cfg.rewriter.examples}
+    assert answers["1967 Ford Mustang vector"] == "A red 1967 Ford Mustang."
+    assert answers["img_2041.jpg"] == "A building."
+    with pytest.raises(ConfigError, match=r"rewriter\.examples\[0\]\.caption: must not be empty"):
+        pipeline_from_dict(
+            {
+                "captioner": {"model": "m"},
+                "rewriter": {"model": "m", "examples": [{"dense_caption": "a cat", "caption": " "}]},
+            }
+        )
+    with pytest.raises(ConfigError, match=r"rewriter\.examples\[0\]\.text: unknown field"):
+        pipeline_from_dict(
+            {"captioner": {"model": "m"}, "rewriter": {"model": "m", "examples": [{"text": "a cat"}]}}
+        )
+    with pytest.raises(ConfigError, match=r"rewriter\.examples: expected a list"):
+        pipeline_from_dict({"captioner": {"model": "m"}, "rewriter": {"model": "m", "examples": "a cat"}})
+
+
 def test_clean_rewrite_strips_labels_quotes_and_whitespace():
     assert (
         clean_rewrite('  Caption: "A red bicycle\n leaning on a wall."  ')
