@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
+from curate.models import BRIDGE_CAPTIONER_TYPE
 from curate.models.base import LoadOptions, load_error, model_revision, move, resolve_device, resolve_dtype
 
 
@@ -28,7 +29,7 @@ class GenerationSettings:
     dedupe: bool = True
 
 
-BRIDGE_MODEL_TYPE = "curate-bridge-captioner"
+BRIDGE_MODEL_TYPE = BRIDGE_CAPTIONER_TYPE
 
 
 def _model_class(model_type: str):

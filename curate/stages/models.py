@@ -13,14 +13,18 @@ import json
 import logging
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
 
 from curate.config import CaptionerConfig, FilterConfig, RankerConfig
-from curate.models.base import LoadOptions, set_cpu_threads
+from curate.models import BRIDGE_FILTER_TYPE
 from curate.schema import SOURCE_SYNTHETIC
 from curate.stages.decode import row_image
 from curate.stages.rows import fail, get_candidates, is_pending, set_candidates, to_rows, to_table
+
+if TYPE_CHECKING:
+    from curate.models.base import LoadOptions
 
 log = logging.getLogger("curate.stages")
 
@@ -35,6 +39,8 @@ def _quiet_transformers() -> None:
 
 
 def load_options(cfg: CaptionerConfig | FilterConfig | RankerConfig) -> LoadOptions:
+    from curate.models.base import LoadOptions
+
     return LoadOptions(
         model=cfg.model,
         revision=cfg.revision,
@@ -53,6 +59,8 @@ class _ModelStage:
     name = "model"
 
     def __init__(self, error_policy: str = "capture", num_threads: int | None = None) -> None:
+        from curate.models.base import set_cpu_threads  # torch: in the actor, not the driver
+
         self.error_policy = error_policy
         set_cpu_threads(num_threads)
 
@@ -184,11 +192,9 @@ def fused_scoring(filter_cfg: FilterConfig | None, ranker_cfg: RankerConfig | No
     same = ("model", "revision", "device", "dtype", "trust_remote_code", "allow_pickle_weights")
     if any(getattr(filter_cfg, k) != getattr(ranker_cfg, k) for k in same):
         return False
-    from curate.models.bridge.filter import MODEL_TYPE
-
     config = Path(filter_cfg.model) / "config.json"
     try:
-        return json.loads(config.read_text()).get("model_type") == MODEL_TYPE
+        return json.loads(config.read_text()).get("model_type") == BRIDGE_FILTER_TYPE
     except (OSError, ValueError):
         return False
 

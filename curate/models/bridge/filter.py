@@ -39,9 +39,10 @@ from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 from transformers import initialization as init
 
+from curate.models import BRIDGE_FILTER_TYPE
 from curate.models.bridge import backbones
 
-MODEL_TYPE = "curate-bridge-filter"
+MODEL_TYPE = BRIDGE_FILTER_TYPE
 
 
 class BridgeFilterConfig(PretrainedConfig):
