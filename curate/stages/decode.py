@@ -16,6 +16,7 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from curate.config import DecodeConfig
 from curate.schema import SOURCE_ALT, STATUS_DROPPED
+from curate.stages.memory import release_free_memory
 from curate.stages.rows import fail, is_pending, set_candidates, to_rows, to_table
 
 # We enforce our own pixel limit and treat truncation as an error, so PIL must not
@@ -119,7 +120,9 @@ def decode_rows(rows: list[dict], cfg: DecodeConfig) -> list[dict]:
 
 def decode_batch(batch: pa.Table, cfg: DecodeConfig) -> pa.Table:
     """Ray Data entry point (a task, not an actor: decoding holds no state)."""
-    return to_table(decode_rows(to_rows(batch), cfg))
+    out = to_table(decode_rows(to_rows(batch), cfg))
+    release_free_memory()  # a huge image's decode buffers must not stay with the worker
+    return out
 
 
 def row_image(row: dict) -> Image.Image:

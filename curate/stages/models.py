@@ -21,6 +21,7 @@ from curate.config import CaptionerConfig, FilterConfig, RankerConfig
 from curate.models import BRIDGE_FILTER_TYPE
 from curate.schema import SOURCE_SYNTHETIC
 from curate.stages.decode import row_image
+from curate.stages.memory import release_free_memory
 from curate.stages.rows import fail, get_candidates, is_pending, set_candidates, to_rows, to_table
 
 if TYPE_CHECKING:
@@ -89,7 +90,9 @@ class _ModelStage:
         todo = [r for r in rows if is_pending(r)]
         if todo:
             self._run_with_retry(todo, self.process)
-        return to_table(rows)
+        out = to_table(rows)
+        release_free_memory()
+        return out
 
 
 class CaptionStage(_ModelStage):
