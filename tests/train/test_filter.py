@@ -133,6 +133,26 @@ def test_raw_inputs_match_feature_path():
     assert model.itm_scores([], []) == [] and model.itc_scores([], []) == []
 
 
+def test_scores_land_on_their_pair_whatever_the_length_sorted_chunks():
+    """Pairs are scored shortest text first, in chunks; each score must come back to its
+    own (image, text): the same as scoring that pair alone."""
+    model = tiny_model(seed=1)
+    images = [noise_image(40, 30, seed=i) for i in range(3)]
+    texts = [
+        ["a frog sitting on a green leaf by the pond", "tux"],
+        [],
+        ["a dog", "the cat sits on the mat", "a bird"],
+    ]
+    alone = [[model.itm_itc_scores([images[i]], [[t]]) for t in ts] for i, ts in enumerate(texts)]
+    for batch_size in (2, 64):
+        itm, itc = model.itm_itc_scores(images, texts, batch_size=batch_size)
+        assert [len(s) for s in itm] == [2, 0, 3]
+        assert flat(itm) == pytest.approx([m[0][0] for row in alone for m, _ in row], abs=1e-5)
+        assert flat(itc) == pytest.approx([c[0][0] for row in alone for _, c in row], abs=1e-5)
+        assert flat(model.itm_scores(images, texts, batch_size)) == pytest.approx(flat(itm), abs=1e-5)
+        assert flat(model.itc_scores(images, texts, batch_size)) == pytest.approx(flat(itc), abs=1e-5)
+
+
 def test_training_step_changes_trainable_weights_only():
     model = tiny_model().train()
     image_encoder = backbones.image_encoder()

@@ -182,6 +182,22 @@ class _Adapter(nn.Module):
         return x + y if self.residual else y
 
 
+def _pair_chunks(texts_per_image: list[list[str]], batch_size: int):
+    """Chunks of (positions, image indices, texts) over every (image, text) pair, shortest
+    texts first: a chunk is padded to its longest text, so a 40-token alt-text among
+    6-token captions would make the text encoder and the fusion pay 40 for each."""
+    pairs = [(i, t) for i, ts in enumerate(texts_per_image) for t in ts]
+    order = sorted(range(len(pairs)), key=lambda k: len(pairs[k][1]))
+    for start in range(0, len(order), batch_size):
+        positions = order[start : start + batch_size]
+        yield positions, [pairs[k][0] for k in positions], [pairs[k][1] for k in positions]
+
+
+def _place(flat: list[float], positions: list[int], values: list[float]) -> None:
+    for p, v in zip(positions, values):
+        flat[p] = v
+
+
 def _split(flat: list[float], texts: list[list[str]]) -> list[list[float]]:
     out, pos = [], 0
     for ts in texts:
@@ -351,14 +367,12 @@ class BridgeFilterModel(PreTrainedModel):
         if not images:
             return []
         image_tokens = self.encode_images(images)
-        pairs = [(i, t) for i, ts in enumerate(texts_per_image) for t in ts]
-        scores: list[float] = []
-        for start in range(0, len(pairs), batch_size):
-            chunk = pairs[start : start + batch_size]
-            states, mask, _ = self.encode_texts([t for _, t in chunk])
-            idx = torch.tensor([i for i, _ in chunk], device=self._device)
+        scores = [0.0] * sum(map(len, texts_per_image))
+        for positions, image_index, texts in _pair_chunks(texts_per_image, batch_size):
+            states, mask, _ = self.encode_texts(texts)
+            idx = torch.tensor(image_index, device=self._device)
             logits = self.itm_logits(image_tokens, states, mask, image_index=idx).float()
-            scores.extend(torch.softmax(logits, dim=-1)[:, 1].tolist())
+            _place(scores, positions, torch.softmax(logits, dim=-1)[:, 1].tolist())
         return _split(scores, texts_per_image)
 
     @torch.inference_mode()
@@ -369,14 +383,12 @@ class BridgeFilterModel(PreTrainedModel):
         if not images:
             return []
         image_feat = self.image_itc(self.encode_images(images)).float()
-        pairs = [(i, t) for i, ts in enumerate(texts_per_image) for t in ts]
-        scores: list[float] = []
-        for start in range(0, len(pairs), batch_size):
-            chunk = pairs[start : start + batch_size]
-            _, _, pooled = self.encode_texts([t for _, t in chunk])
-            idx = torch.tensor([i for i, _ in chunk], device=self._device)
+        scores = [0.0] * sum(map(len, texts_per_image))
+        for positions, image_index, texts in _pair_chunks(texts_per_image, batch_size):
+            _, _, pooled = self.encode_texts(texts)
+            idx = torch.tensor(image_index, device=self._device)
             text_feat = self.text_itc(pooled).float()
-            scores.extend((image_feat.index_select(0, idx) * text_feat).sum(-1).tolist())
+            _place(scores, positions, (image_feat.index_select(0, idx) * text_feat).sum(-1).tolist())
         return _split(scores, texts_per_image)
 
     @torch.inference_mode()
@@ -388,17 +400,15 @@ class BridgeFilterModel(PreTrainedModel):
             return [], []
         image_tokens = self.encode_images(images)
         image_feat = self.image_itc(image_tokens).float()
-        pairs = [(i, t) for i, ts in enumerate(texts_per_image) for t in ts]
-        itm: list[float] = []
-        itc: list[float] = []
-        for start in range(0, len(pairs), batch_size):
-            chunk = pairs[start : start + batch_size]
-            states, mask, pooled = self.encode_texts([t for _, t in chunk])
-            idx = torch.tensor([i for i, _ in chunk], device=self._device)
+        itm = [0.0] * sum(map(len, texts_per_image))
+        itc = list(itm)
+        for positions, image_index, texts in _pair_chunks(texts_per_image, batch_size):
+            states, mask, pooled = self.encode_texts(texts)
+            idx = torch.tensor(image_index, device=self._device)
             logits = self.itm_logits(image_tokens, states, mask, image_index=idx).float()
-            itm.extend(torch.softmax(logits, dim=-1)[:, 1].tolist())
+            _place(itm, positions, torch.softmax(logits, dim=-1)[:, 1].tolist())
             text_feat = self.text_itc(pooled).float()
-            itc.extend((image_feat.index_select(0, idx) * text_feat).sum(-1).tolist())
+            _place(itc, positions, (image_feat.index_select(0, idx) * text_feat).sum(-1).tolist())
         return _split(itm, texts_per_image), _split(itc, texts_per_image)
 
 
