@@ -2,21 +2,24 @@
 
 On the same shards, models and batch sizes it measures, in one run:
 - model-only ceiling: captioner, filter and ranker wrappers on pre-decoded images,
-  pre-batched by each model's batch size, in a loop (samples/s);
-- the full pipeline: read tar -> decode -> caption -> filter -> rank -> write, on Ray
-  (samples/s end to end, including Ray and actor start-up; and marginal, from the N and
-  10N runs: 9N / (wall(10N) - wall(N)), which cancels the fixed start-up cost, as the
-  model-only figure excludes model loading);
-- a naive loop a user would write: one image at a time through the Hugging Face
-  wrappers (the transformers docs' pattern);
-- peak RSS (driver + Ray workers) of the pipeline on N and 10N samples.
+  pre-batched by each model's batch size, in a loop in this process (samples/s);
+- the full pipeline: read tar -> decode -> caption -> filter -> rank -> write, with
+  `curate run` on its own embedded Ray, on N and on 10N samples. End to end includes Ray
+  start-up and model loading in every actor; the steady rate, 9N / (wall(10N) - wall(N)),
+  cancels that fixed cost, as the model-only loop excludes model loading;
+- a naive script a user writes by hand (the webdataset and transformers docs' patterns):
+  read the tars with webdataset, decode each image with PIL, caption it, score each
+  (image, text) pair with the ITM filter and the image against all its texts with the
+  ranker, one image at a time, and write a Parquet file;
+- peak memory (driver + Ray workers) of the N and 10N runs: summed PSS (the footprint),
+  and summed RSS (shared pages counted once per process).
 
-    python bench/run.py --pipeline pipelines/demo.yaml --input 'data/openclipart/00000.tar' --samples 200
+    python bench/run.py --pipeline pipelines/demo.yaml --input 'data/openclipart/*.tar' --samples 32
     python bench/run.py ... --json bench/results-cpu.json
 
-It prints a table (efficiency = pipeline / model-only, speedup = pipeline / naive,
-RSS ratio 10N / N) and writes the figures as JSON. Figures, not assertions: targets are
-checked by reading them.
+It prints a table (efficiency = steady pipeline / model-only, speedup = steady pipeline /
+naive, memory ratio 10N / N) and writes the figures as JSON. Figures, not assertions:
+targets are checked by reading them.
 """
 
 from __future__ import annotations
@@ -43,34 +46,51 @@ REPO = Path(__file__).resolve().parents[1]
 
 @dataclass
 class Figures:
-    samples: int
-    model_only_sps: float = 0.0
+    samples: int  # N
+    model_only_sps: float = 0.0  # the ceiling: the better of the two layouts below
+    model_only_single_sps: float = 0.0  # one process, a thread per core
+    model_only_parallel_sps: float = 0.0  # a process per core, one thread each
+    model_only_samples: int = 0
     model_only_breakdown_s: dict[str, float] = field(default_factory=dict)
-    pipeline_sps: float = 0.0
-    pipeline_marginal_sps: float = 0.0
-    pipeline_wall_s: float = 0.0
+    pipeline_n_sps: float = 0.0
+    pipeline_n_wall_s: float = 0.0
+    pipeline_10n_sps: float = 0.0
+    pipeline_10n_wall_s: float = 0.0
+    pipeline_steady_sps: float = 0.0
     naive_sps: float = 0.0
     naive_samples: int = 0
-    rss_n_mb: float = 0.0
+    pss_n_mb: float = 0.0  # peak summed PSS of the process tree: its real footprint
+    pss_10n_mb: float = 0.0
+    rss_n_mb: float = 0.0  # peak summed RSS: shared pages counted once per process
     rss_10n_mb: float = 0.0
-    rss_samples_n: int = 0
     machine: dict = field(default_factory=dict)
+
+    def _ratio(self, a: float, b: float) -> float:
+        return a / b if b else 0.0
 
     @property
     def efficiency(self) -> float:
-        return self.pipeline_sps / self.model_only_sps if self.model_only_sps else 0.0
+        return self._ratio(self.pipeline_steady_sps, self.model_only_sps)
 
     @property
-    def marginal_efficiency(self) -> float:
-        return self.pipeline_marginal_sps / self.model_only_sps if self.model_only_sps else 0.0
+    def efficiency_10n(self) -> float:
+        return self._ratio(self.pipeline_10n_sps, self.model_only_sps)
 
     @property
     def speedup(self) -> float:
-        return self.pipeline_sps / self.naive_sps if self.naive_sps else 0.0
+        return self._ratio(self.pipeline_steady_sps, self.naive_sps)
+
+    @property
+    def speedup_10n(self) -> float:
+        return self._ratio(self.pipeline_10n_sps, self.naive_sps)
+
+    @property
+    def memory_ratio(self) -> float:
+        return self._ratio(self.pss_10n_mb, self.pss_n_mb)
 
     @property
     def rss_ratio(self) -> float:
-        return self.rss_10n_mb / self.rss_n_mb if self.rss_n_mb else 0.0
+        return self._ratio(self.rss_10n_mb, self.rss_n_mb)
 
 
 def make_input(sources: list[str], n: int, directory: Path, per_shard: int) -> list[Path]:
@@ -157,48 +177,125 @@ def model_only(cfg, models: dict, samples: list[tuple]) -> tuple[float, dict[str
     return len(images) / total, spent
 
 
-def naive(cfg, models: dict, samples: list[tuple], limit: int) -> float:
-    """One image at a time, as the transformers docs show it."""
-    samples = samples[:limit]
+def _ceiling_worker(
+    pipeline: str, overrides: list[str], tars: list[Path], part: slice, barrier, results
+) -> None:
+    """One of C single-threaded processes of the parallel ceiling: load, warm up, wait, time."""
+    import torch
+
+    from curate.config import load_pipeline
+
+    cfg = load_pipeline(pipeline, overrides)
+    samples = decoded_samples(tars, cfg)[part]
+    models = load_models(cfg)
+    torch.set_num_threads(1)  # after loading: a stage sets the threads its config asks for
+    model_only(cfg, models, samples[:2])
+    barrier.wait()
     t = time.perf_counter()
-    for i, (img, alt) in enumerate(samples):
+    model_only(cfg, models, samples)
+    results.put((len(samples), time.perf_counter() - t))
+
+
+def parallel_model_only(pipeline: str, overrides: list[str], tars: list[Path], n: int, procs: int) -> float:
+    """C processes of one thread each split the samples and start together: samples / slowest wall.
+
+    On a few cores, one-thread processes side by side use them better than one process
+    with C intra-op threads; a pipeline of actors can do that, so the ceiling must too.
+    """
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    barrier, results = ctx.Barrier(procs), ctx.Queue()
+    step = -(-n // procs)
+    workers = [
+        ctx.Process(
+            target=_ceiling_worker,
+            args=(pipeline, overrides, tars, slice(i * step, min(n, (i + 1) * step)), barrier, results),
+        )
+        for i in range(procs)
+    ]
+    for w in workers:
+        w.start()
+    got = [results.get(timeout=1800) for _ in workers]
+    for w in workers:
+        w.join()
+    return sum(k for k, _ in got) / max(t for _, t in got)
+
+
+def naive(models: dict, tars: list[Path], limit: int, out: Path) -> tuple[float, int]:
+    """The hand-written script, timed from the first read to the Parquet write (models loaded)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import webdataset as wds
+
+    t = time.perf_counter()
+    rows = []
+    ds = wds.WebDataset([str(p) for p in tars], shardshuffle=False).decode("pil")
+    for i, (key, img, alt) in enumerate(ds.to_tuple("__key__", "png;jpg;jpeg;webp", "txt")):
+        if i >= limit:
+            break
         texts = [alt] if alt else []
         if "captioner" in models:
             texts += models["captioner"]([img], seed=i)[0]
-        for name in ("filter", "ranker"):  # a user's loop calls each model on its own
-            if name in models:
-                for text in texts:  # one pair per call
-                    models[name]([img], [[text]])
-    return len(samples) / (time.perf_counter() - t)
+        itm = [float(models["filter"]([img], [[text]])[0][0]) for text in texts] if "filter" in models else []
+        clip = [float(x) for x in models["ranker"]([img], [texts])[0]] if "ranker" in models else []
+        rows.append({"key": key, "texts": texts, "itm_scores": itm, "clip_scores": clip})
+    pq.write_table(pa.Table.from_pylist(rows), out)
+    return len(rows) / (time.perf_counter() - t), len(rows)
 
 
-class RSSSampler:
-    """Peak resident memory of a process tree, sampled every 50 ms."""
+class MemorySampler:
+    """Peak memory of a process tree: summed RSS every 50 ms, summed PSS every 3 s.
+
+    PSS (proportional set size) splits a page shared by k processes k ways, so the sum is
+    the tree's real footprint; summed RSS counts shared pages (libtorch mapped by every
+    actor, Ray's shared-memory object store mapped by each reader) once per process.
+    Reading PSS walks each process's page tables (~150 ms for a 16-process tree), so it
+    is read seldom, not to slow the run it measures; the memory of a run rises to a
+    plateau, which a 3 s period catches.
+    """
+
+    RSS_PERIOD_S = 0.05
+    PSS_PERIOD_S = 3.0
 
     def __init__(self, pid: int) -> None:
         self.root = psutil.Process(pid)
-        self.peak = 0
-        self.peak_at: list[tuple[str, int]] = []  # (process name, RSS) at the peak
+        self.peak_pss = 0
+        self.peak_rss = 0
+        self.peak_at: list[tuple[str, int]] = []  # (process, PSS) at the PSS peak
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                procs = [self.root, *self.root.children(recursive=True)]
-                rss, parts = 0, []
-                for p in procs:
-                    with contextlib.suppress(psutil.Error):
-                        one = p.memory_info().rss
-                        rss += one
-                        parts.append((" ".join(p.cmdline()[:3])[-60:], one))
-                if rss > self.peak:
-                    self.peak, self.peak_at = rss, parts
-            except psutil.Error:
-                pass
-            time.sleep(0.05)
+    def _tree(self) -> list[psutil.Process]:
+        try:
+            return [self.root, *self.root.children(recursive=True)]
+        except psutil.Error:
+            return []
 
-    def __enter__(self) -> RSSSampler:
+    def _sample_pss(self) -> None:
+        pss, parts = 0, []
+        for p in self._tree():
+            with contextlib.suppress(psutil.Error):
+                one = p.memory_full_info().pss
+                pss += one
+                parts.append((" ".join(p.cmdline()[:3])[-60:], one))
+        if pss > self.peak_pss:
+            self.peak_pss, self.peak_at = pss, parts
+
+    def _run(self) -> None:
+        last_pss = 0.0
+        while not self._stop.is_set():
+            rss = 0
+            for p in self._tree():
+                with contextlib.suppress(psutil.Error):
+                    rss += p.memory_info().rss
+            self.peak_rss = max(self.peak_rss, rss)
+            if time.monotonic() - last_pss >= self.PSS_PERIOD_S:
+                self._sample_pss()
+                last_pss = time.monotonic()
+            time.sleep(self.RSS_PERIOD_S)
+
+    def __enter__(self) -> MemorySampler:
         self._thread.start()
         return self
 
@@ -208,7 +305,7 @@ class RSSSampler:
 
 
 def pipeline_run(pipeline: str, overrides: list[str], inputs: list[Path], out: Path, num_cpus: int | None):
-    """`curate run` in a subprocess (its own embedded Ray), timed, with the tree's peak RSS."""
+    """`curate run` in a subprocess (its own embedded Ray), timed, with the tree's peak memory."""
     cmd = [sys.executable, "-m", "curate", "run", pipeline, "--output", str(out), "--quiet", "--overwrite"]
     for p in inputs:
         cmd += ["--input", str(p)]
@@ -220,32 +317,31 @@ def pipeline_run(pipeline: str, overrides: list[str], inputs: list[Path], out: P
     env = dict(os.environ, RAY_TMPDIR=ray_tmp)
     t = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    with RSSSampler(proc.pid) as rss:
+    with MemorySampler(proc.pid) as mem:
         log, _ = proc.communicate()
     wall = time.perf_counter() - t
     subprocess.run(["pkill", "-9", "-f", ray_tmp], check=False)
     if proc.returncode != 0:
         raise SystemExit(f"pipeline failed ({proc.returncode}):\n{log[-3000:]}")
     manifest = json.loads((out / "manifest.json").read_text())
-    shards = [m for m in manifest["shards"].values()]
-    top = sorted(rss.peak_at, key=lambda x: -x[1])
+    top = sorted(mem.peak_at, key=lambda x: -x[1])
     print(
-        f"bench: {len(inputs)} shards, peak RSS {rss.peak / 2**20:.0f} MB in {len(top)} processes: "
+        f"bench: {len(inputs)} shards, peak PSS {mem.peak_pss / 2**20:.0f} MB "
+        f"(summed RSS {mem.peak_rss / 2**20:.0f} MB) in {len(top)} processes: "
         + ", ".join(f"{name.strip()} {b / 2**20:.0f}" for name, b in top[:8]),
         file=sys.stderr,
     )
-    return wall, rss.peak / 2**20, manifest, shards
+    return wall, mem.peak_pss / 2**20, mem.peak_rss / 2**20, manifest["counts"]["total"]
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--pipeline", default="pipelines/demo.yaml", help="pipeline file to benchmark")
     ap.add_argument("--input", action="append", required=True, help="source shards (paths/globs/braces)")
-    ap.add_argument("--samples", type=int, default=200, help="N: samples for the throughput runs")
-    ap.add_argument("--per-shard", type=int, default=50, help="samples per benchmark shard")
-    ap.add_argument("--naive-samples", type=int, default=40, help="samples for the slow naive loop")
-    ap.add_argument("--rss-n", type=int, default=0, help="N for the RSS runs (default: --samples)")
-    ap.add_argument("--skip-rss", action="store_true", help="skip the N / 10N memory runs")
+    ap.add_argument("--samples", type=int, default=32, help="N: the pipeline runs on N and 10N samples")
+    ap.add_argument("--per-shard", type=int, default=16, help="samples per benchmark shard")
+    ap.add_argument("--model-samples", type=int, default=64, help="samples for the model-only loop")
+    ap.add_argument("--naive-samples", type=int, default=16, help="samples for the slow naive script")
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="pipeline override")
     ap.add_argument("--num-cpus", type=int, default=None, help="logical CPUs of the embedded Ray")
     ap.add_argument("--json", default="bench/results.json", help="where to write the figures")
@@ -263,7 +359,8 @@ def main() -> int:
     resolve_local_models(cfg, args.pipeline)
     overrides = [*args.overrides] + [f"{n}.model={m.model}" for n, m in cfg.models().items()]
     work = Path(tempfile.mkdtemp(prefix="curate-bench-"))
-    figs = Figures(samples=args.samples)
+    n = args.samples
+    figs = Figures(samples=n)
     figs.machine = {
         "cpus": os.cpu_count(),
         "platform": platform.platform(),
@@ -272,65 +369,86 @@ def main() -> int:
         "torch_threads": torch.get_num_threads(),
     }
 
-    inputs = make_input(args.input, args.samples, work / "n", args.per_shard)
-    print(f"bench: {args.samples} samples in {len(inputs)} shards, pipeline {cfg.name}", file=sys.stderr)
+    # the same samples in both runs: the 10N input starts with the N input's samples
+    small = make_input(args.input, n, work / "n", args.per_shard)
+    big = make_input(args.input, 10 * n, work / "10n", args.per_shard)
+    print(f"bench: pipeline {cfg.name} on {n} and {10 * n} samples", file=sys.stderr)
+    wall, figs.pss_n_mb, figs.rss_n_mb, done_n = pipeline_run(
+        args.pipeline, overrides, small, work / "out-n", args.num_cpus
+    )
+    figs.pipeline_n_wall_s, figs.pipeline_n_sps = wall, done_n / wall
+    wall, figs.pss_10n_mb, figs.rss_10n_mb, done_10n = pipeline_run(
+        args.pipeline, overrides, big, work / "out-10n", args.num_cpus
+    )
+    figs.pipeline_10n_wall_s, figs.pipeline_10n_sps = wall, done_10n / wall
+    # the same fixed cost (Ray start, actor and model loading) is in both runs
+    if figs.pipeline_10n_wall_s > figs.pipeline_n_wall_s:
+        figs.pipeline_steady_sps = (done_10n - done_n) / (figs.pipeline_10n_wall_s - figs.pipeline_n_wall_s)
+    print(
+        f"bench: pipeline {done_n} samples in {figs.pipeline_n_wall_s:.1f}s, {done_10n} in "
+        f"{figs.pipeline_10n_wall_s:.1f}s; steady {figs.pipeline_steady_sps:.2f} samples/s",
+        file=sys.stderr,
+    )
 
-    wall, rss, manifest, _ = pipeline_run(args.pipeline, overrides, inputs, work / "out-n", args.num_cpus)
-    done = manifest["counts"]["total"]
-    figs.pipeline_wall_s = wall
-    figs.pipeline_sps = done / wall
-    figs.rss_n_mb, figs.rss_samples_n = rss, done
-    print(f"bench: pipeline {figs.pipeline_sps:.2f} samples/s ({wall:.1f}s)", file=sys.stderr)
-
-    samples = decoded_samples(inputs, cfg)
+    cpus = os.cpu_count() or 1
+    samples = decoded_samples(big, cfg)[: args.model_samples]
+    figs.model_only_samples = len(samples)
+    if cpus > 1:
+        figs.model_only_parallel_sps = parallel_model_only(
+            args.pipeline, overrides, big[: -(-len(samples) // args.per_shard)], len(samples), cpus
+        )
     models = load_models(cfg)
+    # the models with the whole machine, whatever threads the pipeline gives each actor; a
+    # user's script gets the same (torch's default)
+    torch.set_num_threads(cpus)
     model_only(cfg, models, samples[: min(8, len(samples))])  # warm-up
-    figs.model_only_sps, figs.model_only_breakdown_s = model_only(cfg, models, samples)
-    print(f"bench: model-only {figs.model_only_sps:.2f} samples/s", file=sys.stderr)
-    figs.naive_samples = min(args.naive_samples, len(samples))
-    if "filter+ranker" in models:
+    figs.model_only_single_sps, figs.model_only_breakdown_s = model_only(cfg, models, samples)
+    figs.model_only_sps = max(figs.model_only_single_sps, figs.model_only_parallel_sps)
+    print(
+        f"bench: model-only {figs.model_only_single_sps:.2f} samples/s in 1 process of {cpus} threads, "
+        f"{figs.model_only_parallel_sps:.2f} in {cpus} processes of 1",
+        file=sys.stderr,
+    )
+    torch.set_num_threads(cpus)
+    if "filter+ranker" in models:  # a user's script calls each model on its own
         del models["filter+ranker"]
         models.update({k: v for k, v in load_models(cfg, fuse=False).items() if k != "captioner"})
-    figs.naive_sps = naive(cfg, models, samples, figs.naive_samples)
+    figs.naive_sps, figs.naive_samples = naive(models, big, args.naive_samples, work / "naive.parquet")
     print(f"bench: naive {figs.naive_sps:.2f} samples/s", file=sys.stderr)
     del models
 
-    if not args.skip_rss:
-        n = args.rss_n or args.samples
-        wall_n, done_n = wall, done
-        if n != args.samples:
-            small = make_input(args.input, n, work / "rss-n", args.per_shard)
-            wall_n, figs.rss_n_mb, small_manifest, _ = pipeline_run(
-                args.pipeline, overrides, small, work / "out-rn", args.num_cpus
-            )
-            done_n = small_manifest["counts"]["total"]
-        big = make_input(args.input, 10 * n, work / "rss-10n", args.per_shard)
-        wall_10n, figs.rss_10n_mb, big_manifest, _ = pipeline_run(
-            args.pipeline, overrides, big, work / "out-10n", args.num_cpus
-        )
-        done_10n = big_manifest["counts"]["total"]
-        figs.rss_samples_n = done_n
-        # the same fixed cost (Ray start, actor and model loading) is in both runs
-        if wall_10n > wall_n:
-            figs.pipeline_marginal_sps = (done_10n - done_n) / (wall_10n - wall_n)
-        print(
-            f"bench: 10N run {done_10n} samples in {wall_10n:.1f}s; "
-            f"marginal {figs.pipeline_marginal_sps:.2f} samples/s",
-            file=sys.stderr,
-        )
-
     rows = [
-        ("model-only ceiling", f"{figs.model_only_sps:.2f} samples/s"),
-        ("pipeline end to end", f"{figs.pipeline_sps:.2f} samples/s ({figs.pipeline_wall_s:.1f} s)"),
-        ("pipeline marginal (N -> 10N)", f"{figs.pipeline_marginal_sps:.2f} samples/s"),
-        ("naive loop", f"{figs.naive_sps:.2f} samples/s ({figs.naive_samples} samples)"),
+        (
+            "model-only ceiling",
+            f"{figs.model_only_sps:.2f} samples/s ({figs.model_only_samples} samples; 1 process: "
+            f"{figs.model_only_single_sps:.2f}, "
+            + ", ".join(f"{k} {v:.1f} s" for k, v in figs.model_only_breakdown_s.items())
+            + f"; {figs.machine['cpus']} one-thread processes: {figs.model_only_parallel_sps:.2f})",
+        ),
+        (
+            "pipeline end to end, N",
+            f"{figs.pipeline_n_sps:.2f} samples/s ({n} in {figs.pipeline_n_wall_s:.1f} s)",
+        ),
+        (
+            "pipeline end to end, 10N",
+            f"{figs.pipeline_10n_sps:.2f} samples/s ({10 * n} in {figs.pipeline_10n_wall_s:.1f} s)",
+        ),
+        ("pipeline steady (N -> 10N)", f"{figs.pipeline_steady_sps:.2f} samples/s"),
+        ("naive script", f"{figs.naive_sps:.2f} samples/s ({figs.naive_samples} samples)"),
         (
             "efficiency (pipeline / model-only)",
-            f"{figs.efficiency:.2f} end to end, {figs.marginal_efficiency:.2f} marginal",
+            f"{figs.efficiency:.2f} steady, {figs.efficiency_10n:.2f} end to end at 10N",
         ),
-        ("speedup (pipeline / naive)", f"{figs.speedup:.1f}x"),
         (
-            "peak RSS N / 10N",
+            "speedup (pipeline / naive)",
+            f"{figs.speedup:.1f}x steady, {figs.speedup_10n:.1f}x end to end at 10N",
+        ),
+        (
+            "peak memory (PSS) N / 10N",
+            f"{figs.pss_n_mb:.0f} MB / {figs.pss_10n_mb:.0f} MB (ratio {figs.memory_ratio:.2f})",
+        ),
+        (
+            "peak summed RSS N / 10N",
             f"{figs.rss_n_mb:.0f} MB / {figs.rss_10n_mb:.0f} MB (ratio {figs.rss_ratio:.2f})",
         ),
     ]
@@ -341,8 +459,10 @@ def main() -> int:
     data = {
         **asdict(figs),
         "efficiency": figs.efficiency,
-        "marginal_efficiency": figs.marginal_efficiency,
+        "efficiency_10n": figs.efficiency_10n,
         "speedup": figs.speedup,
+        "speedup_10n": figs.speedup_10n,
+        "memory_ratio": figs.memory_ratio,
         "rss_ratio": figs.rss_ratio,
         "pipeline": cfg.to_dict(),
     }
