@@ -13,8 +13,9 @@ Stable API (the captioner and filter scripts import it):
 - ``list_shards(spec) -> list[str]``: a directory (its ``*.tar``), a glob, a brace range
   or a list of those -> sorted absolute tar paths (fsspec URLs pass through).
 - ``split_shards(root, split) -> list[str]``: ``root/split/*.tar`` (tuxpaint's layout).
-- ``iter_pairs(shards, on_error=..., max_side=...) -> Iterator[Pair]``: streaming, in
-  shard order then tar order; deterministic.
+- ``iter_pairs(shards, on_error=..., max_side=..., caption_source=None) -> Iterator[Pair]``:
+  streaming, in shard order then tar order; deterministic. ``caption_source`` picks a
+  curated sample's kept caption of one source (``kale``) instead of ``KEY.txt``.
 - ``load_pairs(shards, max_samples=None, ...) -> list[Pair]``: a small split fully in memory.
 - ``DataError``: raised for a bad sample when ``on_error="raise"``.
 """
@@ -106,10 +107,30 @@ def _pair(
     return Pair(key=key, image=Image.fromarray(pixels, "RGB"), caption=caption, shard=shard, meta=meta)
 
 
+def kept_caption(meta: dict[str, Any], source: str) -> str | None:
+    """The best kept caption of ``source`` (``alt``, ``synthetic``, ``kale``) in a curated
+    sample's ``KEY.json`` (its ``captions``, best first), or None."""
+    listed = meta.get("captions") if isinstance(meta, dict) else None
+    for c in listed if isinstance(listed, list) else []:
+        if isinstance(c, dict) and c.get("source") == source and isinstance(c.get("text"), str):
+            text = " ".join(c["text"].split())
+            if text:
+                return text
+    return None
+
+
 def iter_pairs(
-    shards: Sequence[str], on_error: OnError = "warn", max_side: int = DEFAULT_MAX_SIDE
+    shards: Sequence[str],
+    on_error: OnError = "warn",
+    max_side: int = DEFAULT_MAX_SIDE,
+    caption_source: str | None = None,
 ) -> Iterator[Pair]:
-    """Stream Pairs from each tar in order; bad samples follow ``on_error``, a broken tar raises."""
+    """Stream Pairs from each tar in order; bad samples follow ``on_error``, a broken tar raises.
+
+    ``caption_source`` (curated shards): the caption is the sample's best kept caption of
+    that source instead of ``KEY.txt``, and samples without one are left out, e.g.
+    ``kale`` trains on the KALE rewrites of a stage-1 run only.
+    """
     cfg = DecodeConfig(max_side=max_side)
     for shard in shards:
         with fsspec.open(shard, "rb") as f:
@@ -118,6 +139,11 @@ def iter_pairs(
                 if isinstance(got, str):
                     _handle(on_error, f"{shard}: {key}: {got}")
                     continue
+                if caption_source is not None:
+                    text = kept_caption(got.meta, caption_source)
+                    if text is None:
+                        continue  # not a sample of this training set, not an error
+                    got.caption = text
                 yield got
 
 

@@ -111,6 +111,7 @@ def cache_key(
     max_side: int,
     resize: str = "crop",
     flip: bool = False,
+    caption_source: str | None = None,
 ) -> str:
     """Hash of what the features depend on: shard files, backbones, encoding settings."""
     files = []
@@ -130,6 +131,7 @@ def cache_key(
             "max_side": max_side,
             **({"resize": resize} if resize != "crop" else {}),
             **({"flip": True} if flip else {}),
+            **({"caption_source": caption_source} if caption_source else {}),
         },
         sort_keys=True,
     )
@@ -220,13 +222,15 @@ def cached_features(
     max_side: int = DEFAULT_MAX_SIDE,
     resize: str = "crop",
     flip: bool = False,
+    caption_source: str | None = None,
 ) -> tuple[Features, Path]:
     """Load the split's features from the cache, computing and writing them on a miss.
 
-    ``resize`` (``crop|pad``, see ``backbones.preprocess_images``) and ``flip`` (mirrored
-    images: an augmented view for training) are part of the cache key.
+    ``resize`` (``crop|pad``, see ``backbones.preprocess_images``), ``flip`` (mirrored
+    images: an augmented view for training) and ``caption_source`` (see
+    ``train.data.iter_pairs``) are part of the cache key.
     """
-    key = cache_key(shards, max_samples, image_size, max_text_tokens, max_side, resize, flip)
+    key = cache_key(shards, max_samples, image_size, max_text_tokens, max_side, resize, flip, caption_source)
     path = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     path = path / f"features-{key}.safetensors"
     if path.exists():
@@ -234,7 +238,7 @@ def cached_features(
         return load_features(path), path
     start = time.perf_counter()
     pairs = []
-    for pair in iter_pairs(shards, max_side=max_side):
+    for pair in iter_pairs(shards, max_side=max_side, caption_source=caption_source):
         pairs.append(pair)
         if max_samples is not None and len(pairs) >= max_samples:
             break

@@ -5,7 +5,8 @@ the caption tokens; the image tokens of the frozen encoder are computed once per
 and cached (``train.features``), so an epoch costs the LM's forward and backward only.
 Default data: the human-captioned tuxpaint stamps (``data/tuxpaint/{train,val}``).
 ``--train-shards`` trains the same family on any img2dataset-layout tars whose ``.txt``
-is the target caption, e.g. a curation run's ``OUT/shards/*.tar`` (KALE stage 2);
+is the target caption, e.g. a curation run's ``OUT/shards/*.tar`` (KALE stage 2; with
+``--caption-source kale``, each sample's kept KALE rewrite instead of its best caption);
 ``--init-from`` starts from a saved bridge (its architecture and weights) instead of a
 fresh one, which is how a few hundred stage-1 captions can teach the seed captioner
 without it collapsing to one caption.
@@ -325,6 +326,13 @@ def main(argv: list[str] | None = None) -> dict:
     add("--train-shards", nargs="+", default=None, help="tars/globs/dirs (default ROOT/train)")
     add("--val-shards", nargs="+", default=None, help="tars/globs/dirs (default ROOT/val)")
     add("--no-val", action="store_true", help="skip validation (no val split at hand)")
+    add(
+        "--caption-source",
+        choices=["alt", "synthetic", "kale"],
+        default=None,
+        help="curated shards: train on each sample's kept caption of this source (KALE stage 2: kale), "
+        "leaving out samples without one (default: KEY.txt, the best caption)",
+    )
     add("--max-train-samples", type=int, default=None, help="first N training samples only")
     add("--max-val-samples", type=int, default=None, help="first N validation samples only")
     add("--cache-dir", default=None, help="frozen-feature cache (default ~/.cache/curate)")
@@ -385,12 +393,20 @@ def main(argv: list[str] | None = None) -> dict:
         train_shards = split_shards(args.data_root, "train")
     # the frozen image tokens are computed once here (driver CPU) and read by every worker
     _, train_path = cached_features(
-        train_shards, cache_dir=args.cache_dir, max_samples=args.max_train_samples
+        train_shards,
+        cache_dir=args.cache_dir,
+        max_samples=args.max_train_samples,
+        caption_source=args.caption_source,
     )
     val_path = None
     if not args.no_val:
         val_shards = list_shards(args.val_shards) if args.val_shards else split_shards(args.data_root, "val")
-        _, val_path = cached_features(val_shards, cache_dir=args.cache_dir, max_samples=args.max_val_samples)
+        _, val_path = cached_features(
+            val_shards,
+            cache_dir=args.cache_dir,
+            max_samples=args.max_val_samples,
+            caption_source=args.caption_source,
+        )
     run_dir = Path(args.run_dir or Path(".cache") / "runs" / Path(args.output).name).resolve()
     if not args.resume and (run_dir / "checkpoints").exists():
         shutil.rmtree(run_dir / "checkpoints")

@@ -336,6 +336,56 @@ def test_init_from_starts_at_the_saved_bridge_and_keeps_its_architecture(shards,
         main(train_args(shards, tiny_lm, tmp_path, "bad", *common, "--init-from", str(tmp_path / "nowhere")))
 
 
+def test_caption_source_trains_on_one_kind_of_kept_caption(tmp_path):
+    """KALE stage 2 on a stage-1 run's curated shards: the kept KALE rewrite of each sample
+    (KEY.json captions, best first), not KEY.txt; samples without one are left out."""
+    from train.data import iter_pairs
+    from train.features import cached_features
+
+    def kept(*pairs):
+        return [{"text": t, "source": s, "itm_score": 0.9, "clip_score": 0.3} for s, t in pairs]
+
+    shard = make_shard(
+        tmp_path / "00000.tar",
+        [
+            {
+                "key": "a",
+                "image": noise_image(40, 32, seed=1),
+                "format": "png",
+                "txt": "A frog.",
+                "json": {"captions": kept(("alt", "A frog."), ("kale", "A  red frog."))},
+            },
+            {
+                "key": "b",
+                "image": noise_image(40, 32, seed=2),
+                "format": "png",
+                "txt": "a dog.",
+                "json": {"captions": kept(("synthetic", "a dog."))},
+            },
+            {
+                "key": "c",
+                "image": noise_image(40, 32, seed=3),
+                "format": "png",
+                "txt": "A cat.",
+                "json": {"captions": kept(("kale", "A cat on a mat."), ("kale", "A cat."))},
+            },
+        ],
+    )
+    assert [(p.key, p.caption) for p in iter_pairs([str(shard)])] == [
+        ("a", "A frog."),
+        ("b", "a dog."),
+        ("c", "A cat."),
+    ]
+    assert [(p.key, p.caption) for p in iter_pairs([str(shard)], caption_source="kale")] == [
+        ("a", "A red frog."),
+        ("c", "A cat on a mat."),
+    ]
+    txt, txt_path = cached_features([str(shard)], tmp_path / "features")
+    kale, kale_path = cached_features([str(shard)], tmp_path / "features", caption_source="kale")
+    assert txt_path != kale_path  # the caption source is part of the cache key
+    assert kale.captions == ["A red frog.", "A cat on a mat."] and len(txt) == 3
+
+
 def test_evaluate_captioner_scores_a_saved_bridge(shards, tiny_lm, tmp_path):
     from train.evaluate_captioner import evaluate_captioner
 
