@@ -171,7 +171,7 @@ def run_captioner(args: argparse.Namespace, arm_shards: list[str], work: Path) -
     output = work / f"captioner-{args.captioner_arm}"
     cmd = [
         sys.executable, "-m", "train.train_captioner", "--device", "cpu", "--workers", "1",
-        "--threads", "1", "--amp", "bf16", "--epochs", str(args.captioner_epochs),
+        "--threads", "1", "--epochs", str(args.captioner_epochs),
         "--data-root", str(args.tuxpaint), "--train-shards", *seed_train, *arm_shards,
         "--output", str(output), "--run-dir", str(work / "runs" / "captioner"),
     ]  # fmt: skip

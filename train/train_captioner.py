@@ -12,10 +12,12 @@ fresh one, which is how a few hundred stage-1 captions can teach the seed captio
 without it collapsing to one caption.
 
 CPU, one Ray Train worker (the committed model: 6 epochs in 12.5 min on 2 busy cores,
-plus ~4 min to cache the frozen features the first time). One torch thread and bf16
-autocast: on a shared 2-core box two threads were 4x slower, and bf16 ~2x faster:
+plus ~4 min to cache the frozen features the first time). One torch thread: on a shared
+2-core box two threads were 4x slower. ``--amp bf16`` only where the CPU computes bf16
+natively (AVX512-BF16 or AMX: ~2x faster); elsewhere torch emulates it, and an AVX2-only
+CPU (AMD Zen 3) ran a step 10x slower than in fp32:
 
-    python -m train.train_captioner --device cpu --workers 1 --threads 1 --amp bf16 \
+    python -m train.train_captioner --device cpu --workers 1 --threads 1 \
         --output pipelines/models/bridge-captioner
 
 Multi-GPU, one node with 8 GPUs (or a cluster: --ray-address auto):
