@@ -63,6 +63,10 @@ class Figures:
     pss_10n_mb: float = 0.0
     rss_n_mb: float = 0.0  # peak summed RSS: shared pages counted once per process
     rss_10n_mb: float = 0.0
+    gpus: int = 0  # NVML's count; 0 on a CPU machine
+    gpu_util_model_only_pct: float = 0.0  # mean over the model-only loop
+    gpu_util_pipeline_pct: float = 0.0  # mean over the 10N run (start-up included)
+    gpu_mem_peak_mb: float = 0.0  # peak over all GPUs during the 10N run
     machine: dict = field(default_factory=dict)
 
     def _ratio(self, a: float, b: float) -> float:
@@ -83,6 +87,10 @@ class Figures:
     @property
     def speedup_10n(self) -> float:
         return self._ratio(self.pipeline_10n_sps, self.naive_sps)
+
+    @property
+    def steady_sps_per_gpu(self) -> float:
+        return self._ratio(self.pipeline_steady_sps, self.gpus)
 
     @property
     def memory_ratio(self) -> float:
@@ -304,6 +312,52 @@ class MemorySampler:
         self._thread.join()
 
 
+class GpuSampler:
+    """Mean utilisation (% of time a kernel ran, NVML) and peak memory of all GPUs, every 100 ms.
+
+    Reads nothing, and reports zeros, where NVML (nvidia-ml-py) or a GPU is missing.
+    """
+
+    PERIOD_S = 0.1
+
+    def __init__(self) -> None:
+        self.handles: list = []
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            self._nvml = pynvml
+            self.handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
+        except Exception:  # no NVML library, no driver or no GPU: a CPU machine
+            self._nvml = None
+        self.util_sum = 0.0
+        self.samples = 0
+        self.peak_mem = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    @property
+    def mean_util(self) -> float:
+        return self.util_sum / self.samples if self.samples else 0.0
+
+    def _run(self) -> None:
+        while self.handles and not self._stop.is_set():
+            util = [self._nvml.nvmlDeviceGetUtilizationRates(h).gpu for h in self.handles]
+            mem = sum(self._nvml.nvmlDeviceGetMemoryInfo(h).used for h in self.handles)
+            self.util_sum += sum(util) / len(util)
+            self.samples += 1
+            self.peak_mem = max(self.peak_mem, mem)
+            time.sleep(self.PERIOD_S)
+
+    def __enter__(self) -> GpuSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 def pipeline_run(pipeline: str, overrides: list[str], inputs: list[Path], out: Path, num_cpus: int | None):
     """`curate run` in a subprocess (its own embedded Ray), timed, with the tree's peak memory."""
     cmd = [sys.executable, "-m", "curate", "run", pipeline, "--output", str(out), "--quiet", "--overwrite"]
@@ -317,7 +371,7 @@ def pipeline_run(pipeline: str, overrides: list[str], inputs: list[Path], out: P
     env = dict(os.environ, RAY_TMPDIR=ray_tmp)
     t = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    with MemorySampler(proc.pid) as mem:
+    with MemorySampler(proc.pid) as mem, GpuSampler() as gpu:
         log, _ = proc.communicate()
     wall = time.perf_counter() - t
     subprocess.run(["pkill", "-9", "-f", ray_tmp], check=False)
@@ -331,7 +385,10 @@ def pipeline_run(pipeline: str, overrides: list[str], inputs: list[Path], out: P
         + ", ".join(f"{name.strip()} {b / 2**20:.0f}" for name, b in top[:8]),
         file=sys.stderr,
     )
-    return wall, mem.peak_pss / 2**20, mem.peak_rss / 2**20, manifest["counts"]["total"]
+    if gpu.handles:
+        peak = gpu.peak_mem / 2**20
+        print(f"bench: GPU utilisation {gpu.mean_util:.0f}%, peak memory {peak:.0f} MB", file=sys.stderr)
+    return wall, mem.peak_pss / 2**20, mem.peak_rss / 2**20, manifest["counts"]["total"], gpu
 
 
 def main() -> int:
@@ -373,14 +430,16 @@ def main() -> int:
     small = make_input(args.input, n, work / "n", args.per_shard)
     big = make_input(args.input, 10 * n, work / "10n", args.per_shard)
     print(f"bench: pipeline {cfg.name} on {n} and {10 * n} samples", file=sys.stderr)
-    wall, figs.pss_n_mb, figs.rss_n_mb, done_n = pipeline_run(
+    wall, figs.pss_n_mb, figs.rss_n_mb, done_n, _ = pipeline_run(
         args.pipeline, overrides, small, work / "out-n", args.num_cpus
     )
     figs.pipeline_n_wall_s, figs.pipeline_n_sps = wall, done_n / wall
-    wall, figs.pss_10n_mb, figs.rss_10n_mb, done_10n = pipeline_run(
+    wall, figs.pss_10n_mb, figs.rss_10n_mb, done_10n, gpu = pipeline_run(
         args.pipeline, overrides, big, work / "out-10n", args.num_cpus
     )
     figs.pipeline_10n_wall_s, figs.pipeline_10n_sps = wall, done_10n / wall
+    figs.gpus, figs.gpu_util_pipeline_pct = len(gpu.handles), gpu.mean_util
+    figs.gpu_mem_peak_mb = gpu.peak_mem / 2**20
     # the same fixed cost (Ray start, actor and model loading) is in both runs
     if figs.pipeline_10n_wall_s > figs.pipeline_n_wall_s:
         figs.pipeline_steady_sps = (done_10n - done_n) / (figs.pipeline_10n_wall_s - figs.pipeline_n_wall_s)
@@ -393,7 +452,8 @@ def main() -> int:
     cpus = os.cpu_count() or 1
     samples = decoded_samples(big, cfg)[: args.model_samples]
     figs.model_only_samples = len(samples)
-    if cpus > 1:
+    on_gpu = any(m.device != "cpu" for m in cfg.models().values()) and torch.cuda.is_available()
+    if cpus > 1 and not on_gpu:  # a process per core is a CPU layout; a GPU's ceiling is one process
         figs.model_only_parallel_sps = parallel_model_only(
             args.pipeline, overrides, big[: -(-len(samples) // args.per_shard)], len(samples), cpus
         )
@@ -402,7 +462,9 @@ def main() -> int:
     # user's script gets the same (torch's default)
     torch.set_num_threads(cpus)
     model_only(cfg, models, samples[: min(8, len(samples))])  # warm-up
-    figs.model_only_single_sps, figs.model_only_breakdown_s = model_only(cfg, models, samples)
+    with GpuSampler() as gpu:
+        figs.model_only_single_sps, figs.model_only_breakdown_s = model_only(cfg, models, samples)
+    figs.gpu_util_model_only_pct = gpu.mean_util
     figs.model_only_sps = max(figs.model_only_single_sps, figs.model_only_parallel_sps)
     print(
         f"bench: model-only {figs.model_only_single_sps:.2f} samples/s in 1 process of {cpus} threads, "
@@ -452,6 +514,18 @@ def main() -> int:
             f"{figs.rss_n_mb:.0f} MB / {figs.rss_10n_mb:.0f} MB (ratio {figs.rss_ratio:.2f})",
         ),
     ]
+    if figs.gpus:
+        rows += [
+            (
+                "samples/s per GPU (steady)",
+                f"{figs.steady_sps_per_gpu:.2f} on {figs.gpus} x {figs.machine['cuda']}",
+            ),
+            (
+                "GPU utilisation",
+                f"{figs.gpu_util_model_only_pct:.0f}% model-only, "
+                f"{figs.gpu_util_pipeline_pct:.0f}% pipeline at 10N (peak {figs.gpu_mem_peak_mb:.0f} MB)",
+            ),
+        ]
     width = max(len(k) for k, _ in rows)
     print(f"\n{'figure':<{width}}  value")
     for k, v in rows:
@@ -464,6 +538,7 @@ def main() -> int:
         "speedup_10n": figs.speedup_10n,
         "memory_ratio": figs.memory_ratio,
         "rss_ratio": figs.rss_ratio,
+        "steady_sps_per_gpu": figs.steady_sps_per_gpu,
         "pipeline": cfg.to_dict(),
     }
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
