@@ -244,10 +244,15 @@ class DecodeConfig:
     max_text_bytes: int = 65_536
     num_cpus: float = 0.5
     concurrency: int | None = None  # decode tasks at once; null: as many as free CPU slots allow
+    # memory each decode task reserves in Ray's scheduler (a block's decoded pixels). A
+    # resource the model actors do not ask for, it also keeps Ray Data from fusing decode
+    # into the captioner, where it would run in series with the model.
+    memory_mb: int = 256
 
     def _validate(self, prefix: str) -> None:
         if self.concurrency is not None:
             _positive(self.concurrency, f"{prefix}.concurrency")
+        _positive(self.memory_mb, f"{prefix}.memory_mb")
         _positive(self.min_side, f"{prefix}.min_side")
         _positive(self.max_pixels, f"{prefix}.max_pixels")
         _positive(self.max_side, f"{prefix}.max_side")

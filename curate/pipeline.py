@@ -101,7 +101,7 @@ def build_dataset(cfg: PipelineConfig, shards: list[ShardRef]):
         batch_size=1,
         batch_format="pyarrow",
         num_cpus=0.25,
-        concurrency=cfg.read.concurrency,
+        compute=ray.data.TaskPoolStrategy(size=cfg.read.concurrency),
     )
     ds = ds.map_batches(
         decode_batch,
@@ -109,11 +109,10 @@ def build_dataset(cfg: PipelineConfig, shards: list[ShardRef]):
         batch_size=None,
         batch_format="pyarrow",
         num_cpus=cfg.decode.num_cpus,
-        concurrency=cfg.decode.concurrency,
-        # Ray's default task retries, stated: remote args that differ from the next actor
-        # stage's also keep Ray Data from fusing decode into the captioner (where it would
-        # run in series with the model); as tasks, decoding overlaps with inference.
-        max_retries=3,
+        compute=ray.data.TaskPoolStrategy(size=cfg.decode.concurrency),
+        # A memory request the actors do not make: remote args that differ keep Ray Data
+        # from fusing decode into the captioner; as tasks, decoding overlaps with inference.
+        memory=cfg.decode.memory_mb * 2**20,
     )
     if cfg.captioner is not None:
         ds = ds.map_batches(
@@ -192,6 +191,7 @@ EXECUTION_FIELDS = frozenset(
         "num_cpus",
         "concurrency",
         "num_threads",
+        "memory_mb",  # decode's scheduling request
         # vLLM engine sizing (rewriter)
         "tensor_parallel_size",
         "gpu_memory_utilization",

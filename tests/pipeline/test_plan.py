@@ -6,6 +6,8 @@ import contextlib
 import io
 from pathlib import Path
 
+import pytest
+
 from curate.config import load_pipeline
 from curate.io.reader import ShardRef
 from curate.pipeline import build_dataset
@@ -23,9 +25,12 @@ def plan(cfg) -> str:
     return out.getvalue()
 
 
-def test_decode_stays_in_cpu_tasks_and_one_actor_scores_with_the_bridge_filter():
+@pytest.mark.parametrize("layout", ["demo", "default concurrency"])
+def test_decode_stays_in_cpu_tasks_and_one_actor_scores_with_the_bridge_filter(layout):
     cfg = load_pipeline(REPO / "pipelines" / "demo.yaml")
     cfg.filter.model = cfg.ranker.model = str(REPO / "pipelines" / "models" / "bridge-filter")
+    if layout == "default concurrency":  # task and actor pool sizes alone no longer tell them apart
+        cfg.decode.concurrency, cfg.captioner.concurrency = None, 1
     text = plan(cfg)
     assert "TaskPoolMapOperator[MapBatches(decode_batch)]" in text
     assert "decode_batch)->MapBatches(CaptionStage)" not in text  # not fused into the actor
