@@ -107,3 +107,20 @@ def start_local_ray():
             configure_logging=False,
         )
     return ray
+
+
+def tiny_llama(vocab_size: int, seed: int = 0, **config: Any):
+    """A 2-layer LlamaForCausalLM (hidden 32, 4 heads over 2 KV heads) with random weights."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    shape = {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 64,
+    }
+    return LlamaForCausalLM(LlamaConfig(vocab_size=vocab_size, **{**shape, **config}))

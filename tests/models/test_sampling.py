@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 from transformers.generation.logits_process import TopPLogitsWarper
 
 from curate.models.sampling import nucleus_sample, sample_from_embeds
+from tests.helpers import tiny_llama
 
 
 def _nucleus_probs(logits: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -58,17 +59,7 @@ def test_nucleus_temperature_and_edge_cases():
 
 @pytest.fixture(scope="module")
 def tiny_lm() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=40,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    return LlamaForCausalLM(config).eval()
+    return tiny_llama(40).eval()
 
 
 def _hf_greedy(lm, embeds, eos, max_new_tokens, **kw) -> list[list[int]]:

@@ -18,7 +18,7 @@ from curate.models.base import LoadOptions
 from curate.models.bridge import BridgeCaptionerConfig, BridgeCaptionerModel
 from curate.models.bridge.captioner import caption_target
 from curate.models.captioner import Captioner, GenerationSettings
-from tests.helpers import make_shard, noise_image
+from tests.helpers import make_shard, noise_image, tiny_llama
 from train.cider import cider_d, cider_d_per_image, tokenize
 
 pytest.importorskip("efficientnet_lite_pytorch", reason="frozen image encoder package not installed")
@@ -39,7 +39,7 @@ def one_thread():
 def build_tiny_lm(path: Path) -> Path:
     """A 2-layer LlamaForCausalLM (hidden 32) with a word-level tokenizer over WORDS."""
     from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     vocab = {t: i for i, t in enumerate(["<unk>", "<bos>", "<eos>", "<pad>", *WORDS])}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
@@ -47,21 +47,8 @@ def build_tiny_lm(path: Path) -> Path:
     tok = PreTrainedTokenizerFast(
         tokenizer_object=backend, unk_token="<unk>", bos_token="<bos>", eos_token="<eos>", pad_token="<pad>"
     )
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(vocab),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=3,
-        tie_word_embeddings=True,
-    )
-    LlamaForCausalLM(config).save_pretrained(path)
+    lm = tiny_llama(len(vocab), bos_token_id=1, eos_token_id=2, pad_token_id=3, tie_word_embeddings=True)
+    lm.save_pretrained(path)
     tok.save_pretrained(path)
     return path
 
