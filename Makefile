@@ -59,7 +59,7 @@ experiment: experiment-data
 # KALE on CPU: stage 1 (dense caption -> SmolLM2 rewrite with the alt-text -> filter,
 # rank) on a spread subset of openclipart (120 samples from each of its 7 shards), the
 # seed captioner fine-tuned on six shards' curated captions (the seventh held out), then
-# stage 2 over the same subset with the distilled captioner alone. About 35 minutes on 2
+# stage 2 over the same subset with the distilled captioner alone. About 31 minutes on 2
 # cores; pipelines/models/bridge-captioner-kale is the model this trained.
 KALE_WEB ?= data/kale-web
 kale-data: setup
