@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import duckdb
@@ -34,6 +35,24 @@ def _free_port() -> int:
 def _ray(args: list[str], env: dict, timeout: int = 300) -> subprocess.CompletedProcess:
     exe = Path(sys.executable).parent / "ray"
     return subprocess.run([str(exe), *args], env=env, capture_output=True, text=True, timeout=timeout)
+
+
+# The head answers before its job agent has registered, most often on a loaded machine;
+# the submission is refused before any job exists, so it is safe to send again.
+AGENT_NOT_READY = "No available agent to submit job"
+
+
+def _submit(args: list[str], env: dict, timeout: int, wait_s: float = 120.0) -> subprocess.CompletedProcess:
+    deadline = time.monotonic() + wait_s
+    while True:
+        job = _ray(args, env, timeout=timeout)
+        if (
+            job.returncode == 0
+            or AGENT_NOT_READY not in job.stdout + job.stderr
+            or time.monotonic() > deadline
+        ):
+            return job
+        time.sleep(3)
 
 
 def test_ray_start_head_and_job_submit(tiny_models, tmp_path):
@@ -75,7 +94,7 @@ def test_ray_start_head_and_job_submit(tiny_models, tmp_path):
     )
     assert started.returncode == 0, started.stderr[-3000:]
     try:
-        job = _ray(
+        job = _submit(
             [
                 "job",
                 "submit",
