@@ -364,52 +364,51 @@ class BridgeFilterModel(PreTrainedModel):
         self, images: list[Image.Image], texts_per_image: list[list[str]], batch_size: int = 64
     ) -> list[list[float]]:
         """P(match) for every text of every image; each image is encoded once."""
-        if not images:
-            return []
-        image_tokens = self.encode_images(images)
-        scores = [0.0] * sum(map(len, texts_per_image))
-        for positions, image_index, texts in _pair_chunks(texts_per_image, batch_size):
-            states, mask, _ = self.encode_texts(texts)
-            idx = torch.tensor(image_index, device=self._device)
-            logits = self.itm_logits(image_tokens, states, mask, image_index=idx).float()
-            _place(scores, positions, torch.softmax(logits, dim=-1)[:, 1].tolist())
-        return _split(scores, texts_per_image)
+        return self._pair_scores(images, texts_per_image, batch_size, itm=True, itc=False)[0]
 
     @torch.inference_mode()
     def itc_scores(
         self, images: list[Image.Image], texts_per_image: list[list[str]], batch_size: int = 64
     ) -> list[list[float]]:
         """Cosine similarity of the ITC embeddings for every text of every image."""
-        if not images:
-            return []
-        image_feat = self.image_itc(self.encode_images(images)).float()
-        scores = [0.0] * sum(map(len, texts_per_image))
-        for positions, image_index, texts in _pair_chunks(texts_per_image, batch_size):
-            _, _, pooled = self.encode_texts(texts)
-            idx = torch.tensor(image_index, device=self._device)
-            text_feat = self.text_itc(pooled).float()
-            _place(scores, positions, (image_feat.index_select(0, idx) * text_feat).sum(-1).tolist())
-        return _split(scores, texts_per_image)
+        return self._pair_scores(images, texts_per_image, batch_size, itm=False, itc=True)[1]
 
     @torch.inference_mode()
     def itm_itc_scores(
         self, images: list[Image.Image], texts_per_image: list[list[str]], batch_size: int = 64
     ) -> tuple[list[list[float]], list[list[float]]]:
         """``itm_scores`` and ``itc_scores`` in one pass: each image and each text encoded once."""
+        return self._pair_scores(images, texts_per_image, batch_size, itm=True, itc=True)
+
+    def _pair_scores(
+        self,
+        images: list[Image.Image],
+        texts_per_image: list[list[str]],
+        batch_size: int,
+        itm: bool,
+        itc: bool,
+    ) -> tuple[list[list[float]], list[list[float]]]:
+        """The asked-for heads' scores of every (image, text) pair, in ``texts_per_image``'s
+        order; a head not asked for gives empty lists."""
         if not images:
             return [], []
         image_tokens = self.encode_images(images)
-        image_feat = self.image_itc(image_tokens).float()
-        itm = [0.0] * sum(map(len, texts_per_image))
-        itc = list(itm)
+        image_feat = self.image_itc(image_tokens).float() if itc else None
+        total = sum(map(len, texts_per_image))
+        itm_flat, itc_flat = [0.0] * total, [0.0] * total
         for positions, image_index, texts in _pair_chunks(texts_per_image, batch_size):
             states, mask, pooled = self.encode_texts(texts)
             idx = torch.tensor(image_index, device=self._device)
-            logits = self.itm_logits(image_tokens, states, mask, image_index=idx).float()
-            _place(itm, positions, torch.softmax(logits, dim=-1)[:, 1].tolist())
-            text_feat = self.text_itc(pooled).float()
-            _place(itc, positions, (image_feat.index_select(0, idx) * text_feat).sum(-1).tolist())
-        return _split(itm, texts_per_image), _split(itc, texts_per_image)
+            if itm:
+                logits = self.itm_logits(image_tokens, states, mask, image_index=idx).float()
+                _place(itm_flat, positions, torch.softmax(logits, dim=-1)[:, 1].tolist())
+            if itc:
+                text_feat = self.text_itc(pooled).float()
+                _place(itc_flat, positions, (image_feat.index_select(0, idx) * text_feat).sum(-1).tolist())
+        return (
+            _split(itm_flat, texts_per_image) if itm else [],
+            _split(itc_flat, texts_per_image) if itc else [],
+        )
 
 
 def register() -> None:
