@@ -16,6 +16,7 @@ Stable API (the captioner and filter scripts import it):
 - ``iter_pairs(shards, on_error=..., max_side=..., caption_source=None) -> Iterator[Pair]``:
   streaming, in shard order then tar order; deterministic. ``caption_source`` picks a
   curated sample's kept caption of one source (``kale``) instead of ``KEY.txt``.
+- ``kept_captions(meta, source=None) -> list[str]``: a curated sample's kept captions.
 - ``load_pairs(shards, max_samples=None, ...) -> list[Pair]``: a small split fully in memory.
 - ``DataError``: raised for a bad sample when ``on_error="raise"``.
 """
@@ -107,16 +108,19 @@ def _pair(
     return Pair(key=key, image=Image.fromarray(pixels, "RGB"), caption=caption, shard=shard, meta=meta)
 
 
-def kept_caption(meta: dict[str, Any], source: str) -> str | None:
-    """The best kept caption of ``source`` (``alt``, ``synthetic``, ``kale``) in a curated
-    sample's ``KEY.json`` (its ``captions``, best first), or None."""
+def kept_captions(meta: dict[str, Any], source: str | None = None) -> list[str]:
+    """A curated sample's kept captions (``KEY.json`` ``captions``, best first), whitespace
+    collapsed and without repeats; only those of ``source`` (``alt``, ``synthetic``,
+    ``kale``) when given. Empty for a sample with none (a raw shard's ``KEY.json``)."""
     listed = meta.get("captions") if isinstance(meta, dict) else None
+    texts: list[str] = []
     for c in listed if isinstance(listed, list) else []:
-        if isinstance(c, dict) and c.get("source") == source and isinstance(c.get("text"), str):
-            text = " ".join(c["text"].split())
-            if text:
-                return text
-    return None
+        if not isinstance(c, dict) or (source is not None and c.get("source") != source):
+            continue
+        text = c.get("text")
+        if isinstance(text, str) and (text := " ".join(text.split())) and text not in texts:
+            texts.append(text)
+    return texts
 
 
 def iter_pairs(
@@ -140,10 +144,10 @@ def iter_pairs(
                     _handle(on_error, f"{shard}: {key}: {got}")
                     continue
                 if caption_source is not None:
-                    text = kept_caption(got.meta, caption_source)
-                    if text is None:
+                    texts = kept_captions(got.meta, caption_source)
+                    if not texts:
                         continue  # not a sample of this training set, not an error
-                    got.caption = text
+                    got.caption = texts[0]
                 yield got
 
 

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from curate.models.bridge import backbones
-from train.data import DEFAULT_MAX_SIDE, Pair, iter_pairs
+from train.data import DEFAULT_MAX_SIDE, Pair, iter_pairs, kept_captions
 from train.features import (
     backbone_versions,
     default_cache_dir,
@@ -68,14 +68,7 @@ class FeatureShard:
 
 def sample_captions(pair: Pair) -> list[str]:
     """The kept captions of a curated sample (``KEY.json`` ``captions``), else its ``KEY.txt``."""
-    listed = pair.meta.get("captions") if isinstance(pair.meta, dict) else None
-    texts: list[str] = []
-    if isinstance(listed, list):
-        for c in listed:
-            text = c.get("text") if isinstance(c, dict) else None
-            if isinstance(text, str) and (text := " ".join(text.split())) and text not in texts:
-                texts.append(text)
-    return texts or [pair.caption]
+    return kept_captions(pair.meta) or [pair.caption]
 
 
 def shard_cache_path(shard: str, cache_dir: str | Path | None, resize: str, max_side: int) -> Path:
