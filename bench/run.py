@@ -252,7 +252,36 @@ def naive(models: dict, tars: list[Path], limit: int, out: Path) -> tuple[float,
     return len(rows) / (time.perf_counter() - t), len(rows)
 
 
-class MemorySampler:
+class _Sampler:
+    """Calls ``_sample`` every ``PERIOD_S`` on a thread between ``__enter__`` and ``__exit__``."""
+
+    PERIOD_S = 0.1
+
+    def __init__(self) -> None:
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _active(self) -> bool:
+        return True
+
+    def _sample(self) -> None:
+        raise NotImplementedError
+
+    def _run(self) -> None:
+        while self._active() and not self._stop.is_set():
+            self._sample()
+            time.sleep(self.PERIOD_S)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+class MemorySampler(_Sampler):
     """Peak memory of a process tree: summed RSS every 50 ms, summed PSS every 3 s.
 
     PSS (proportional set size) splits a page shared by k processes k ways, so the sum is
@@ -263,16 +292,16 @@ class MemorySampler:
     plateau, which a 3 s period catches.
     """
 
-    RSS_PERIOD_S = 0.05
+    PERIOD_S = 0.05  # RSS
     PSS_PERIOD_S = 3.0
 
     def __init__(self, pid: int) -> None:
+        super().__init__()
         self.root = psutil.Process(pid)
         self.peak_pss = 0
         self.peak_rss = 0
         self.peak_at: list[tuple[str, int]] = []  # (process, PSS) at the PSS peak
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._last_pss = 0.0
 
     def _tree(self) -> list[psutil.Process]:
         try:
@@ -290,37 +319,25 @@ class MemorySampler:
         if pss > self.peak_pss:
             self.peak_pss, self.peak_at = pss, parts
 
-    def _run(self) -> None:
-        last_pss = 0.0
-        while not self._stop.is_set():
-            rss = 0
-            for p in self._tree():
-                with contextlib.suppress(psutil.Error):
-                    rss += p.memory_info().rss
-            self.peak_rss = max(self.peak_rss, rss)
-            if time.monotonic() - last_pss >= self.PSS_PERIOD_S:
-                self._sample_pss()
-                last_pss = time.monotonic()
-            time.sleep(self.RSS_PERIOD_S)
-
-    def __enter__(self) -> MemorySampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
+    def _sample(self) -> None:
+        rss = 0
+        for p in self._tree():
+            with contextlib.suppress(psutil.Error):
+                rss += p.memory_info().rss
+        self.peak_rss = max(self.peak_rss, rss)
+        if time.monotonic() - self._last_pss >= self.PSS_PERIOD_S:
+            self._sample_pss()
+            self._last_pss = time.monotonic()
 
 
-class GpuSampler:
+class GpuSampler(_Sampler):
     """Mean utilisation (% of time a kernel ran, NVML) and peak memory of all GPUs, every 100 ms.
 
     Reads nothing, and reports zeros, where NVML (nvidia-ml-py) or a GPU is missing.
     """
 
-    PERIOD_S = 0.1
-
     def __init__(self) -> None:
+        super().__init__()
         self.handles: list = []
         try:
             import pynvml
@@ -333,29 +350,20 @@ class GpuSampler:
         self.util_sum = 0.0
         self.samples = 0
         self.peak_mem = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
 
     @property
     def mean_util(self) -> float:
         return self.util_sum / self.samples if self.samples else 0.0
 
-    def _run(self) -> None:
-        while self.handles and not self._stop.is_set():
-            util = [self._nvml.nvmlDeviceGetUtilizationRates(h).gpu for h in self.handles]
-            mem = sum(self._nvml.nvmlDeviceGetMemoryInfo(h).used for h in self.handles)
-            self.util_sum += sum(util) / len(util)
-            self.samples += 1
-            self.peak_mem = max(self.peak_mem, mem)
-            time.sleep(self.PERIOD_S)
+    def _active(self) -> bool:
+        return bool(self.handles)
 
-    def __enter__(self) -> GpuSampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
+    def _sample(self) -> None:
+        util = [self._nvml.nvmlDeviceGetUtilizationRates(h).gpu for h in self.handles]
+        mem = sum(self._nvml.nvmlDeviceGetMemoryInfo(h).used for h in self.handles)
+        self.util_sum += sum(util) / len(util)
+        self.samples += 1
+        self.peak_mem = max(self.peak_mem, mem)
 
 
 def pipeline_run(pipeline: str, overrides: list[str], inputs: list[Path], out: Path, num_cpus: int | None):
