@@ -479,10 +479,10 @@ def main() -> int:
         f"{figs.model_only_parallel_sps:.2f} in {cpus} processes of 1",
         file=sys.stderr,
     )
-    torch.set_num_threads(cpus)
     if "filter+ranker" in models:  # a user's script calls each model on its own
         del models["filter+ranker"]
         models.update({k: v for k, v in load_models(cfg, fuse=False).items() if k != "captioner"})
+    torch.set_num_threads(cpus)  # after loading: a stage sets the threads its config asks for
     figs.naive_sps, figs.naive_samples = naive(models, big, args.naive_samples, work / "naive.parquet")
     print(f"bench: naive {figs.naive_sps:.2f} samples/s", file=sys.stderr)
     del models
