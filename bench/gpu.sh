@@ -3,17 +3,24 @@
 # with the wheels of bench/gpu_wheels.sh in .whl/ and a source shard (both carried; the
 # bench repeats a shard's samples to make N and 10N):
 #
-#     bash bench/gpu.sh            # figures to $OUT (or bench/) as results-gpu.json + log
+#     bash bench/gpu.sh            # figures to $OUT (or bench/): results-gpu.json + bench-gpu.log
 #
 # It installs the wheels beside the image's torch and transformers, builds the papers'
 # model shapes with random weights (curate.tiny_models --size paper, ~1 min), and runs
-# bench/run.py on bench/gpu.yaml: model-only ceiling, the pipeline on N and 10N samples,
-# the naive one-image loop, GPU utilisation. Extra arguments go to bench/run.py (for
-# tuning: --set captioner.batch_size=128).
+# bench/run.py on bench/gpu.yaml: pipeline on N and 10N samples, model-only ceiling, the
+# naive one-image loop, GPU utilisation. Then, while the time budget (BUDGET_S, counted
+# from the start) allows, it measures the pipeline alone under each tuning variant in
+# TUNE (one per line, each a list of --set overrides) as results-tune-K.json. Extra
+# arguments go to every bench/run.py call.
 set -euo pipefail
+START=$SECONDS
 OUT=${OUT:-bench}
-SAMPLES=${SAMPLES:-128}
+SAMPLES=${SAMPLES:-256}
+NAIVE=${NAIVE:-32}
 INPUT=${INPUT:-data/openclipart/00000.tar}
+BUDGET_S=${BUDGET_S:-480}
+TUNE=${TUNE-"--set captioner.batch_size=128
+--set captioner.concurrency=2 --set captioner.num_gpus=0.35 --set filter.num_gpus=0.15 --set ranker.num_gpus=0.15"}
 if compgen -G ".whl/*.whl" >/dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
     export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -21,8 +28,34 @@ else
     export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 fi
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-test -f out/paper-models/clip/model.safetensors || python3 -m curate.tiny_models out/paper-models --size paper
+LOG="$OUT/bench-gpu.log"
+{
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+    python3 -c 'import sys, torch, transformers, ray, pyarrow, numpy
+print("python", sys.version.split()[0], "torch", torch.__version__, "transformers", transformers.__version__,
+      "ray", ray.__version__, "pyarrow", pyarrow.__version__, "numpy", numpy.__version__)'
+    t=$SECONDS
+    test -f out/paper-models/clip/model.safetensors || python3 -m curate.tiny_models out/paper-models --size paper
+    echo "gpu.sh: models ready in $((SECONDS - t)) s"
+} 2>&1 | tee "$LOG"
+status=0
 python3 bench/run.py --pipeline bench/gpu.yaml --input "$INPUT" \
-    --samples "$SAMPLES" --per-shard 64 --model-samples "$SAMPLES" --naive-samples 32 \
-    --json "$OUT/results-gpu.json" "$@" 2>&1 | tee "$OUT/bench-gpu.log"
+    --samples "$SAMPLES" --per-shard 64 --model-samples "$SAMPLES" --naive-samples "$NAIVE" \
+    --json "$OUT/results-gpu.json" "$@" 2>&1 | tee -a "$LOG" || status=1
+k=0
+while IFS= read -r variant; do
+    [ -n "$variant" ] || continue
+    k=$((k + 1))
+    left=$((BUDGET_S - (SECONDS - START)))
+    if [ "$left" -lt 90 ]; then
+        echo "gpu.sh: tuning variant $k ($variant) skipped: ${left} s of the budget left" | tee -a "$LOG"
+        continue
+    fi
+    echo "gpu.sh: tuning variant $k: $variant (${left} s left)" | tee -a "$LOG"
+    # shellcheck disable=SC2086  # a variant is a list of arguments
+    timeout "$left" python3 bench/run.py --pipeline bench/gpu.yaml --input "$INPUT" \
+        --samples "$SAMPLES" --per-shard 64 --parts pipeline $variant \
+        --json "$OUT/results-tune-$k.json" "$@" 2>&1 | tee -a "$LOG" || status=1
+done <<<"$TUNE"
+echo "gpu.sh: done in $((SECONDS - START)) s" | tee -a "$LOG"
+exit $status

@@ -36,6 +36,7 @@ import tarfile
 import tempfile
 import threading
 import time
+import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -68,6 +69,7 @@ class Figures:
     gpu_util_pipeline_pct: float = 0.0  # mean over the 10N run (start-up included)
     gpu_mem_peak_mb: float = 0.0  # peak over all GPUs during the 10N run
     machine: dict = field(default_factory=dict)
+    failed: list[str] = field(default_factory=list)  # parts that raised; their figures stay 0
 
     def _ratio(self, a: float, b: float) -> float:
         return a / b if b else 0.0
@@ -399,6 +401,70 @@ def pipeline_run(pipeline: str, overrides: list[str], inputs: list[Path], out: P
     return wall, mem.peak_pss / 2**20, mem.peak_rss / 2**20, manifest["counts"]["total"], gpu
 
 
+def measure_pipeline(figs: Figures, args, cfg, overrides: list[str], small, big, work: Path) -> None:
+    """The pipeline on N and 10N samples: end-to-end and steady samples/s, peak memory, GPU use."""
+    n = figs.samples
+    print(f"bench: pipeline {cfg.name} on {n} and {10 * n} samples", file=sys.stderr)
+    wall, figs.pss_n_mb, figs.rss_n_mb, done_n, _ = pipeline_run(
+        args.pipeline, overrides, small, work / "out-n", args.num_cpus
+    )
+    figs.pipeline_n_wall_s, figs.pipeline_n_sps = wall, done_n / wall
+    wall, figs.pss_10n_mb, figs.rss_10n_mb, done_10n, gpu = pipeline_run(
+        args.pipeline, overrides, big, work / "out-10n", args.num_cpus
+    )
+    figs.pipeline_10n_wall_s, figs.pipeline_10n_sps = wall, done_10n / wall
+    figs.gpus, figs.gpu_util_pipeline_pct = len(gpu.handles), gpu.mean_util
+    figs.gpu_mem_peak_mb = gpu.peak_mem / 2**20
+    # the same fixed cost (Ray start, actor and model loading) is in both runs
+    if figs.pipeline_10n_wall_s > figs.pipeline_n_wall_s:
+        figs.pipeline_steady_sps = (done_10n - done_n) / (figs.pipeline_10n_wall_s - figs.pipeline_n_wall_s)
+    print(
+        f"bench: pipeline {done_n} samples in {figs.pipeline_n_wall_s:.1f}s, {done_10n} in "
+        f"{figs.pipeline_10n_wall_s:.1f}s; steady {figs.pipeline_steady_sps:.2f} samples/s",
+        file=sys.stderr,
+    )
+
+
+def measure_model_only(figs: Figures, args, cfg, overrides: list[str], big) -> None:
+    """The ceiling: the models alone on pre-decoded samples, in the better of the two layouts."""
+    import torch
+
+    cpus = os.cpu_count() or 1
+    samples = decoded_samples(big, cfg)[: args.model_samples]
+    figs.model_only_samples = len(samples)
+    on_gpu = any(m.device != "cpu" for m in cfg.models().values()) and torch.cuda.is_available()
+    if cpus > 1 and not on_gpu:  # a process per core is a CPU layout; a GPU's ceiling is one process
+        figs.model_only_parallel_sps = parallel_model_only(
+            args.pipeline, overrides, big[: -(-len(samples) // args.per_shard)], len(samples), cpus
+        )
+    models = load_models(cfg)
+    # the models with the whole machine, whatever threads the pipeline gives each actor; a
+    # user's script gets the same (torch's default)
+    torch.set_num_threads(cpus)
+    model_only(cfg, models, samples[: min(8, len(samples))])  # warm-up
+    with GpuSampler() as gpu:
+        figs.model_only_single_sps, figs.model_only_breakdown_s = model_only(cfg, models, samples)
+    figs.gpus = figs.gpus or len(gpu.handles)
+    figs.gpu_util_model_only_pct = gpu.mean_util
+    figs.model_only_sps = max(figs.model_only_single_sps, figs.model_only_parallel_sps)
+    print(
+        f"bench: model-only {figs.model_only_single_sps:.2f} samples/s in 1 process of {cpus} threads, "
+        f"{figs.model_only_parallel_sps:.2f} in {cpus} processes of 1",
+        file=sys.stderr,
+    )
+
+
+def measure_naive(figs: Figures, args, cfg, big, work: Path) -> None:
+    """The hand-written loop, each model called on its own (no fused scoring)."""
+    import torch
+
+    models = load_models(cfg, fuse=False)
+    torch.set_num_threads(os.cpu_count() or 1)  # after loading: a stage sets the threads its config asks for
+    naive(models, big, 2, work / "naive-warm-up.parquet")  # first calls (kernel selection) are not timed
+    figs.naive_sps, figs.naive_samples = naive(models, big, args.naive_samples, work / "naive.parquet")
+    print(f"bench: naive {figs.naive_sps:.2f} samples/s", file=sys.stderr)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--pipeline", default="pipelines/demo.yaml", help="pipeline file to benchmark")
@@ -410,6 +476,11 @@ def main() -> int:
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="pipeline override")
     ap.add_argument("--num-cpus", type=int, default=None, help="logical CPUs of the embedded Ray")
     ap.add_argument("--json", default="bench/results.json", help="where to write the figures")
+    ap.add_argument(
+        "--parts",
+        default="pipeline,model,naive",
+        help="what to measure, comma-separated (pipeline, model, naive); tuning runs need only pipeline",
+    )
     args = ap.parse_args()
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -437,55 +508,23 @@ def main() -> int:
     # the same samples in both runs: the 10N input starts with the N input's samples
     small = make_input(args.input, n, work / "n", args.per_shard)
     big = make_input(args.input, 10 * n, work / "10n", args.per_shard)
-    print(f"bench: pipeline {cfg.name} on {n} and {10 * n} samples", file=sys.stderr)
-    wall, figs.pss_n_mb, figs.rss_n_mb, done_n, _ = pipeline_run(
-        args.pipeline, overrides, small, work / "out-n", args.num_cpus
-    )
-    figs.pipeline_n_wall_s, figs.pipeline_n_sps = wall, done_n / wall
-    wall, figs.pss_10n_mb, figs.rss_10n_mb, done_10n, gpu = pipeline_run(
-        args.pipeline, overrides, big, work / "out-10n", args.num_cpus
-    )
-    figs.pipeline_10n_wall_s, figs.pipeline_10n_sps = wall, done_10n / wall
-    figs.gpus, figs.gpu_util_pipeline_pct = len(gpu.handles), gpu.mean_util
-    figs.gpu_mem_peak_mb = gpu.peak_mem / 2**20
-    # the same fixed cost (Ray start, actor and model loading) is in both runs
-    if figs.pipeline_10n_wall_s > figs.pipeline_n_wall_s:
-        figs.pipeline_steady_sps = (done_10n - done_n) / (figs.pipeline_10n_wall_s - figs.pipeline_n_wall_s)
-    print(
-        f"bench: pipeline {done_n} samples in {figs.pipeline_n_wall_s:.1f}s, {done_10n} in "
-        f"{figs.pipeline_10n_wall_s:.1f}s; steady {figs.pipeline_steady_sps:.2f} samples/s",
-        file=sys.stderr,
-    )
-
-    cpus = os.cpu_count() or 1
-    samples = decoded_samples(big, cfg)[: args.model_samples]
-    figs.model_only_samples = len(samples)
-    on_gpu = any(m.device != "cpu" for m in cfg.models().values()) and torch.cuda.is_available()
-    if cpus > 1 and not on_gpu:  # a process per core is a CPU layout; a GPU's ceiling is one process
-        figs.model_only_parallel_sps = parallel_model_only(
-            args.pipeline, overrides, big[: -(-len(samples) // args.per_shard)], len(samples), cpus
-        )
-    models = load_models(cfg)
-    # the models with the whole machine, whatever threads the pipeline gives each actor; a
-    # user's script gets the same (torch's default)
-    torch.set_num_threads(cpus)
-    model_only(cfg, models, samples[: min(8, len(samples))])  # warm-up
-    with GpuSampler() as gpu:
-        figs.model_only_single_sps, figs.model_only_breakdown_s = model_only(cfg, models, samples)
-    figs.gpu_util_model_only_pct = gpu.mean_util
-    figs.model_only_sps = max(figs.model_only_single_sps, figs.model_only_parallel_sps)
-    print(
-        f"bench: model-only {figs.model_only_single_sps:.2f} samples/s in 1 process of {cpus} threads, "
-        f"{figs.model_only_parallel_sps:.2f} in {cpus} processes of 1",
-        file=sys.stderr,
-    )
-    if "filter+ranker" in models:  # a user's script calls each model on its own
-        del models["filter+ranker"]
-        models.update({k: v for k, v in load_models(cfg, fuse=False).items() if k != "captioner"})
-    torch.set_num_threads(cpus)  # after loading: a stage sets the threads its config asks for
-    figs.naive_sps, figs.naive_samples = naive(models, big, args.naive_samples, work / "naive.parquet")
-    print(f"bench: naive {figs.naive_sps:.2f} samples/s", file=sys.stderr)
-    del models
+    parts = {
+        "pipeline": lambda: measure_pipeline(figs, args, cfg, overrides, small, big, work),
+        "model": lambda: measure_model_only(figs, args, cfg, overrides, big),
+        "naive": lambda: measure_naive(figs, args, cfg, big, work),
+    }
+    chosen = args.parts.split(",")
+    if unknown := [p for p in chosen if p not in parts]:
+        raise SystemExit(f"--parts: unknown {', '.join(unknown)} (known: {', '.join(parts)})")
+    for name in chosen:
+        try:
+            parts[name]()
+        except SystemExit as exc:  # a failed pipeline run: its log tail is the message
+            figs.failed.append(name)
+            print(f"bench: {name} failed: {exc}", file=sys.stderr)
+        except Exception:  # the other parts still measure; the exit code says it
+            figs.failed.append(name)
+            print(f"bench: {name} failed:\n{traceback.format_exc()}", file=sys.stderr)
 
     rows = [
         (
@@ -534,6 +573,8 @@ def main() -> int:
                 f"{figs.gpu_util_pipeline_pct:.0f}% pipeline at 10N (peak {figs.gpu_mem_peak_mb:.0f} MB)",
             ),
         ]
+    if figs.failed:
+        rows.append(("failed (figures 0)", ", ".join(figs.failed)))
     width = max(len(k) for k, _ in rows)
     print(f"\n{'figure':<{width}}  value")
     for k, v in rows:
@@ -552,7 +593,7 @@ def main() -> int:
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(data, indent=2))
     print(f"\nfigures written to {args.json}")
-    return 0
+    return 1 if figs.failed else 0
 
 
 if __name__ == "__main__":
