@@ -19,8 +19,9 @@ SAMPLES=${SAMPLES:-256}
 NAIVE=${NAIVE:-32}
 INPUT=${INPUT:-data/openclipart/00000.tar}
 BUDGET_S=${BUDGET_S:-480}
-TUNE=${TUNE-"--set captioner.batch_size=128
---set captioner.concurrency=2 --set captioner.num_gpus=0.35 --set filter.num_gpus=0.15 --set ranker.num_gpus=0.15"}
+TUNE=${TUNE-"--set captioner.concurrency=2 --set captioner.num_gpus=0.35 --set filter.num_gpus=0.15 --set ranker.num_gpus=0.15
+--set captioner.concurrency=3 --set captioner.num_gpus=0.25 --set filter.num_gpus=0.125 --set ranker.num_gpus=0.125
+--set captioner.batch_size=128"}
 if compgen -G ".whl/*.whl" >/dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
     export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}

@@ -67,12 +67,22 @@ class OutputConflictError(RuntimeError):
     """The output directory holds a run of a different pipeline."""
 
 
-def _actor_args(cfg: ModelConfig) -> dict[str, Any]:
+def _map_actor(ds, stage: type, cfg: ModelConfig, block_rows: int, **kwargs: Any):
+    """``ds`` through a pool of ``stage(cfg=cfg, **kwargs)`` actors, each given whole blocks.
+
+    A block is one reader batch of one shard, the same in every run, so the stage's own
+    model batches (and their sampling seeds) are too. Ray Data's public ``map_batches``
+    refuses ``batch_size=None`` for a stage that asks for GPUs (it guards against
+    unbounded blocks; ours are ``read.batch_size`` rows at most), so a GPU stage goes
+    through the same call without that check, which Ray's own ``groupby().map_groups``
+    uses for whole groups on GPUs. Where a Ray release has no such call, the GPU stage
+    gets batches of ``block_rows`` (``read.batch_size``) rows: a shard's short last block
+    may then share a batch with the next shard's rows.
+    """
     import ray.data
 
-    return {
-        # Whole blocks: a block is one reader batch of one shard, the same in every run,
-        # so the stage's own model batches (and their sampling seeds) are too.
+    args: dict[str, Any] = {
+        "fn_constructor_kwargs": {"cfg": cfg, **kwargs},
         "batch_size": None,
         "compute": ray.data.ActorPoolStrategy(size=cfg.concurrency),
         "num_cpus": cfg.num_cpus,
@@ -82,6 +92,16 @@ def _actor_args(cfg: ModelConfig) -> dict[str, Any]:
         # Ray Data's actor pools default to max_restarts=-1 and max_task_retries=-1: an
         # actor lost with its process or node is restarted and its batch retried
     }
+    map_batches = ds.map_batches
+    if cfg.num_gpus > 0:
+        unchecked = getattr(ds, "map_batches_internal", None) or getattr(
+            ds, "_map_batches_without_batch_size_validation", None
+        )
+        if unchecked is not None:
+            map_batches = unchecked
+        else:
+            args["batch_size"] = block_rows
+    return map_batches(stage, **args)
 
 
 def build_dataset(cfg: PipelineConfig, shards: list[ShardRef]):
@@ -114,37 +134,18 @@ def build_dataset(cfg: PipelineConfig, shards: list[ShardRef]):
         # from fusing decode into the captioner; as tasks, decoding overlaps with inference.
         memory=cfg.decode.memory_mb * 2**20,
     )
+    rows, errors, seed = cfg.read.batch_size, cfg.error_policy, cfg.seed
     if cfg.captioner is not None:
-        ds = ds.map_batches(
-            CaptionStage,
-            fn_constructor_kwargs={"cfg": cfg.captioner, "seed": cfg.seed, "error_policy": cfg.error_policy},
-            **_actor_args(cfg.captioner),
-        )
+        ds = _map_actor(ds, CaptionStage, cfg.captioner, rows, seed=seed, error_policy=errors)
     if cfg.rewriter is not None:
-        ds = ds.map_batches(
-            RewriteStage,
-            fn_constructor_kwargs={"cfg": cfg.rewriter, "seed": cfg.seed, "error_policy": cfg.error_policy},
-            **_actor_args(cfg.rewriter),
-        )
+        ds = _map_actor(ds, RewriteStage, cfg.rewriter, rows, seed=seed, error_policy=errors)
     fused = fused_scoring(cfg.filter, cfg.ranker)
     if fused:  # one bridge filter, both heads: each image and text encoded once
-        ds = ds.map_batches(
-            ScoreStage,
-            fn_constructor_kwargs={"cfg": cfg.filter, "error_policy": cfg.error_policy},
-            **_actor_args(cfg.filter),
-        )
+        ds = _map_actor(ds, ScoreStage, cfg.filter, rows, error_policy=errors)
     elif cfg.filter is not None:
-        ds = ds.map_batches(
-            FilterStage,
-            fn_constructor_kwargs={"cfg": cfg.filter, "error_policy": cfg.error_policy},
-            **_actor_args(cfg.filter),
-        )
+        ds = _map_actor(ds, FilterStage, cfg.filter, rows, error_policy=errors)
     if cfg.ranker is not None and not fused:
-        ds = ds.map_batches(
-            RankStage,
-            fn_constructor_kwargs={"cfg": cfg.ranker, "error_policy": cfg.error_policy},
-            **_actor_args(cfg.ranker),
-        )
+        ds = _map_actor(ds, RankStage, cfg.ranker, rows, error_policy=errors)
     ds = ds.map_batches(
         apply_policy,
         fn_kwargs={"policy": cfg.policy, "keep_images": cfg.output.write_shards},

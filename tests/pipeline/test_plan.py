@@ -45,3 +45,22 @@ def test_a_filter_and_ranker_of_different_models_stay_two_stages():
     text = plan(cfg)
     assert "MapBatches(FilterStage)" in text and "MapBatches(RankStage)" in text
     assert "ScoreStage" not in text
+
+
+def test_gpu_stages_plan_with_whole_blocks():
+    # Ray Data's public map_batches refuses batch_size=None for a stage that asks for
+    # GPUs; the plan is only built here (no GPU needed), which is where it raised
+    cfg = load_pipeline(REPO / "bench" / "gpu.yaml")
+    for stage in cfg.models().values():
+        stage.model = str(REPO / "pipelines" / "models" / "bridge-filter")  # never loaded
+    cfg.filter.model = str(REPO / "pipelines" / "models" / "bridge-captioner")  # two scoring stages
+    start_local_ray()
+    ds = build_dataset(cfg, [ShardRef(url="unused.tar", name="unused")])
+    ops = {}
+    op = ds._logical_plan.dag
+    while op is not None:
+        ops[op.name] = op
+        op = op.input_dependencies[0] if op.input_dependencies else None
+    for name in ("MapBatches(CaptionStage)", "MapBatches(FilterStage)", "MapBatches(RankStage)"):
+        assert ops[name].ray_remote_args["num_gpus"] > 0
+        assert ops[name].batch_size is None  # whole blocks: the stage's seeds do not depend on arrival order
