@@ -227,11 +227,19 @@ class ReadConfig:
     # shards read at once; null: as many as free CPU slots allow. Each reader is a worker
     # process holding its shard's blocks, so this bounds memory on a big input.
     concurrency: int | None = None
+    # object-store memory (MB) the run's blocks may hold between stages (read, decoded,
+    # captioned, scored) before Ray Data stops starting read and decode tasks; null: Ray
+    # Data's default, half the object store, which on a big node lets gigabytes of decoded
+    # pixels queue ahead of a slower captioner. A few blocks of decoded images per stage
+    # is enough to keep the models busy.
+    in_flight_mb: int | None = None
 
     def _validate(self, prefix: str) -> None:
         _positive(self.batch_size, f"{prefix}.batch_size")
         if self.concurrency is not None:
             _positive(self.concurrency, f"{prefix}.concurrency")
+        if self.in_flight_mb is not None:
+            _positive(self.in_flight_mb, f"{prefix}.in_flight_mb")
 
 
 @dataclass

@@ -153,6 +153,11 @@ def build_dataset(cfg: PipelineConfig, shards: list[ShardRef]):
         batch_format="pyarrow",
         num_cpus=0.25,
     )
+    if cfg.read.in_flight_mb:  # this dataset's own context: other datasets of the driver keep theirs
+        limits = ds.context.execution_options.resource_limits
+        ds.context.execution_options.resource_limits = limits.copy(
+            object_store_memory=cfg.read.in_flight_mb * 2**20
+        )
     return ds
 
 
@@ -193,6 +198,7 @@ EXECUTION_FIELDS = frozenset(
         "concurrency",
         "num_threads",
         "memory_mb",  # decode's scheduling request
+        "in_flight_mb",  # the object-store budget of a run's blocks
         # vLLM engine sizing (rewriter)
         "tensor_parallel_size",
         "gpu_memory_utilization",

@@ -125,6 +125,7 @@ def test_top_p_of_one_is_allowed():
         ({"filter": {**FILTER, "batch_size": 0}}, r"filter\.batch_size: must be > 0"),
         ({"ranker": {**RANKER, "num_gpus": -1}}, r"ranker\.num_gpus: must be >= 0"),
         ({"decode": {"min_side": 0}}, r"decode\.min_side: must be > 0"),
+        ({"read": {"in_flight_mb": 0}}, r"read\.in_flight_mb: must be > 0"),
         ({"filter": FILTER, "policy": {"itm_threshold": 1.5}}, r"policy\.itm_threshold: must be in \[0, 1\]"),
         ({"ranker": RANKER, "policy": {"top_k": 0}}, r"policy\.top_k: must be > 0"),
     ],

@@ -21,6 +21,7 @@ DEMO = Path(__file__).resolve().parents[2] / "pipelines" / "demo.yaml"
         "decode.concurrency=3",
         "decode.memory_mb=1024",
         "read.concurrency=2",
+        "read.in_flight_mb=512",
     ],
 )
 def test_where_and_how_fast_a_stage_runs_keeps_the_fingerprint(override):

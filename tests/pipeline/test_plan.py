@@ -64,3 +64,14 @@ def test_gpu_stages_plan_with_whole_blocks():
     for name in ("MapBatches(CaptionStage)", "MapBatches(FilterStage)", "MapBatches(RankStage)"):
         assert ops[name].ray_remote_args["num_gpus"] > 0
         assert ops[name].batch_size is None  # whole blocks: the stage's seeds do not depend on arrival order
+
+
+def test_in_flight_budget_bounds_this_datasets_object_store_use_only():
+    import ray.data
+
+    cfg = load_pipeline(REPO / "pipelines" / "demo.yaml", ["read.in_flight_mb=300"])
+    start_local_ray()
+    ds = build_dataset(cfg, [ShardRef(url="unused.tar", name="unused")])
+    assert ds.context.execution_options.resource_limits.object_store_memory == 300 * 2**20
+    default = ray.data.DataContext.get_current().execution_options.resource_limits
+    assert default.object_store_memory != 300 * 2**20  # the driver's other datasets keep Ray's default
