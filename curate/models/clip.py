@@ -17,6 +17,27 @@ def _features(out) -> torch.Tensor:
     return out if isinstance(out, torch.Tensor) else out.pooler_output
 
 
+def load_image_processor(load: LoadOptions):
+    """The checkpoint's image processor, falling back to its PIL class by name.
+
+    Some transformers 5 releases (5.17) resolve every ``AutoImageProcessor`` to the
+    torchvision class and raise ImportError where torchvision is missing, even for
+    processors with a PIL twin (``CLIPImageProcessorPil``); later releases fall back by
+    themselves. A missing torchvision is thus no reason to fail a CPU-only install.
+    """
+    import transformers
+
+    try:
+        return transformers.AutoImageProcessor.from_pretrained(load.model, **load.kwargs())
+    except ImportError:
+        config, _ = transformers.ImageProcessingMixin.get_image_processor_dict(load.model, **load.kwargs())
+        name = str(config.get("image_processor_type") or "").removesuffix("Fast")
+        pil = getattr(transformers, f"{name}Pil", None) if name else None
+        if pil is None:
+            raise
+        return pil.from_pretrained(load.model, **load.kwargs())
+
+
 class ClipRanker:
     """``ranker(images, texts_per_image)`` -> cosine similarities; each image embedded once."""
 
@@ -47,9 +68,7 @@ class ClipRanker:
         try:
             if not hasattr(model, "get_image_features") or not hasattr(model, "get_text_features"):
                 raise ValueError(f"{type(model).__name__} is not a dual encoder (no get_image_features)")
-            self.image_processor = transformers.AutoImageProcessor.from_pretrained(
-                load.model, **load.kwargs()
-            )
+            self.image_processor = load_image_processor(load)
             self.tokenizer = transformers.AutoTokenizer.from_pretrained(load.model, **load.kwargs())
         except Exception as exc:
             raise load_error("CLIP ranker", load, exc) from exc

@@ -286,3 +286,17 @@ def test_pickled_weights_are_refused_by_default(pickled_itm_dir):
 def test_pickled_weights_load_when_allowed(pickled_itm_dir, itm, images):
     allowed = ITMFilter(LoadOptions(str(pickled_itm_dir), allow_pickle_weights=True), device="cpu")
     assert flat(allowed(images, TEXTS)) == pytest.approx(flat(itm(images, TEXTS)), abs=1e-6)
+
+
+def test_clip_ranker_falls_back_to_the_pil_image_processor(tiny_models, images, monkeypatch):
+    import transformers
+
+    expected = ClipRanker(LoadOptions(str(tiny_models["clip"])), device="cpu")(images[:2], [["a"], ["b c"]])
+
+    def torchvision_only(*args, **kwargs):  # transformers 5.17 without torchvision (not installable here)
+        raise ImportError("AutoImageProcessor requires the Torchvision library")
+
+    monkeypatch.setattr(transformers.AutoImageProcessor, "from_pretrained", torchvision_only)
+    ranker = ClipRanker(LoadOptions(str(tiny_models["clip"])), device="cpu")
+    assert type(ranker.image_processor).__name__ == "CLIPImageProcessorPil"
+    assert flat(ranker(images[:2], [["a"], ["b c"]])) == pytest.approx(flat(expected))
