@@ -19,8 +19,7 @@ SAMPLES=${SAMPLES:-256}
 NAIVE=${NAIVE:-32}
 INPUT=${INPUT:-data/openclipart/00000.tar}
 BUDGET_S=${BUDGET_S:-480}
-TUNE=${TUNE-"--set read.in_flight_mb=2048
---set captioner.concurrency=3 --set captioner.num_gpus=0.25 --set filter.num_gpus=0.125 --set ranker.num_gpus=0.125
+TUNE=${TUNE-"--set captioner.concurrency=3 --set captioner.num_gpus=0.25 --set filter.num_gpus=0.125 --set ranker.num_gpus=0.125
 --set captioner.batch_size=128"}
 if compgen -G ".whl/*.whl" >/dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
