@@ -16,9 +16,14 @@ from tests.helpers import start_local_ray
 REPO = Path(__file__).resolve().parents[2]
 
 
-def plan(cfg) -> str:
+def planned(cfg):
+    """The lazy dataset of ``cfg`` over one shard that is never read."""
     start_local_ray()
-    ds = build_dataset(cfg, [ShardRef(url="unused.tar", name="unused")])
+    return build_dataset(cfg, [ShardRef(url="unused.tar", name="unused")])
+
+
+def plan(cfg) -> str:
+    ds = planned(cfg)
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         ds.explain()
@@ -54,8 +59,7 @@ def test_gpu_stages_plan_with_whole_blocks():
     for stage in cfg.models().values():
         stage.model = str(REPO / "pipelines" / "models" / "bridge-filter")  # never loaded
     cfg.filter.model = str(REPO / "pipelines" / "models" / "bridge-captioner")  # two scoring stages
-    start_local_ray()
-    ds = build_dataset(cfg, [ShardRef(url="unused.tar", name="unused")])
+    ds = planned(cfg)
     ops = {}
     op = ds._logical_plan.dag
     while op is not None:
@@ -70,8 +74,7 @@ def test_in_flight_budget_bounds_this_datasets_object_store_use_only():
     import ray.data
 
     cfg = load_pipeline(REPO / "pipelines" / "demo.yaml", ["read.in_flight_mb=300"])
-    start_local_ray()
-    ds = build_dataset(cfg, [ShardRef(url="unused.tar", name="unused")])
+    ds = planned(cfg)
     assert ds.context.execution_options.resource_limits.object_store_memory == 300 * 2**20
     default = ray.data.DataContext.get_current().execution_options.resource_limits
     assert default.object_store_memory != 300 * 2**20  # the driver's other datasets keep Ray's default
