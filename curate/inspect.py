@@ -30,6 +30,7 @@ from typing import Any, BinaryIO
 import duckdb
 import pyarrow as pa
 
+from curate.io.files import write_atomic
 from curate.schema import SOURCE_ALT, STATUS_DROPPED, STATUS_ERROR, STATUS_KEPT, STATUSES
 
 # The view over the sample rows; ``{files}`` is a DuckDB list of Parquet paths or a glob.
@@ -1402,7 +1403,5 @@ def write_report(
     page = render_report(run, compare, max_samples=max_samples)
     target = Path(output) if output is not None else run.root / "report.html"
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp")
-    tmp.write_text(page, encoding="utf-8")
-    os.replace(tmp, target)
+    write_atomic(target, page.encode("utf-8"))
     return target

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import io
 import json
-import tarfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image
+
+from curate.io.files import write_tar as curate_write_tar
 
 PIL_FORMATS = {"jpg": "JPEG", "jpeg": "JPEG", "png": "PNG", "webp": "WEBP", "gif": "GIF", "bmp": "BMP"}
 
@@ -69,17 +70,8 @@ def sample_members(sample: dict[str, Any]) -> list[tuple[str, bytes]]:
 
 
 def write_tar(path: str | Path, members: Iterable[tuple[str, bytes]]) -> Path:
-    """Write a plain tar of (name, bytes) members in the given order."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            info.mtime = 0
-            info.mode = 0o644
-            tar.addfile(info, io.BytesIO(data))
-    return path
+    """Write a plain tar of (name, bytes) members in the given order (the project's tar writer)."""
+    return Path(curate_write_tar(path, members))
 
 
 def make_shard(path: str | Path, samples: list[dict[str, Any]]) -> Path:

@@ -58,6 +58,7 @@ from typing import Any, Self
 import numpy as np
 import torch
 
+from curate.io.files import atomic_path, write_atomic
 from curate.models.base import resolve_device
 
 log = logging.getLogger("train")
@@ -226,9 +227,8 @@ def save_checkpoint(
         "metrics": dict(metrics),
     }
     path = directory / _checkpoint_name(epoch)
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
     for old in sorted(directory.glob("epoch-*.pt"))[:-keep] if keep > 0 else []:
         old.unlink(missing_ok=True)
     return path
@@ -332,9 +332,7 @@ def _worker_entry(train_fn: Callable[[dict], Any]) -> Callable[[dict], Any]:
         result = train_fn(config)
         path = config.get("_result_path")
         if path and _ray_context() is not None and _ray_context().get_world_rank() == 0:
-            tmp = f"{path}.tmp-{os.getpid()}"
-            Path(tmp).write_text(json.dumps(result or {}, default=str))
-            os.replace(tmp, path)
+            write_atomic(path, json.dumps(result or {}, default=str).encode())
         return result
 
     return run

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from PIL import ImageOps
 
+from curate.io.files import atomic_path
 from curate.models.bridge import backbones
 from train.data import DEFAULT_MAX_SIDE, Pair, iter_pairs
 
@@ -89,9 +90,8 @@ def write_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metada
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
     return path
 
 

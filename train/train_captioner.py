@@ -38,7 +38,6 @@ import argparse
 import json
 import logging
 import math
-import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -46,6 +45,7 @@ from pathlib import Path
 
 import torch
 
+from curate.io.files import atomic_path
 from train.common import (
     Hyperparams,
     MetricsLogger,
@@ -198,14 +198,10 @@ def save_bridge(model, output: str | Path, dtype: str = "fp16") -> Path:
     """``save_pretrained`` of the bridge alone (temp dir, then rename): config.json + model.safetensors."""
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(f".tmp-{os.getpid()}-{output.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
     cast = torch.float16 if dtype == "fp16" else torch.float32
     state = {k: v.detach().to("cpu", cast).contiguous() for k, v in model.state_dict().items()}
-    model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
-    if output.exists():
-        shutil.rmtree(output)
-    os.replace(tmp, output)
+    with atomic_path(output) as tmp:
+        model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
     return output
 
 

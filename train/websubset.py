@@ -8,18 +8,15 @@ always give byte-identical files (curation runs over them resume and compare cle
 
 from __future__ import annotations
 
-import io
 import math
-import os
 import tarfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import fsspec
 
-from curate.io.reader import expand_inputs, iter_tar_groups
-
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+from curate.io.files import tar_bytes, write_atomic
+from curate.io.reader import IMAGE_EXTS, expand_inputs, iter_tar_groups
 
 
 def _count(url: str) -> int:
@@ -39,12 +36,9 @@ def write_subset(sources: Sequence[str], per_shard: int, directory: str | Path) 
     for url in expand_inputs(list(sources)):
         total = _count(url)
         stride = 1 if per_shard <= 0 or total <= per_shard else math.ceil(total / per_shard)
-        buf = io.BytesIO()
+        members: list[tuple[str, bytes]] = []
         taken = 0
-        with (
-            fsspec.open(url, "rb") as f,
-            tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar,
-        ):
+        with fsspec.open(url, "rb") as f:
             usable = 0
             for key, files, problems in iter_tar_groups(f):
                 if problems or not any(e in files for e in IMAGE_EXTS):
@@ -53,19 +47,13 @@ def write_subset(sources: Sequence[str], per_shard: int, directory: str | Path) 
                 if (usable - 1) % stride or (per_shard > 0 and taken >= per_shard):
                     continue
                 taken += 1
-                for ext in sorted(files):
-                    info = tarfile.TarInfo(f"{key}.{ext}")
-                    info.size = len(files[ext])
-                    info.mode, info.mtime = 0o644, 0
-                    tar.addfile(info, io.BytesIO(files[ext]))
+                members.extend((f"{key}.{ext}", files[ext]) for ext in sorted(files))
         if taken == 0:
             continue
         path = directory / Path(url).name
-        data = buf.getvalue()
+        data = tar_bytes(members, format=tarfile.USTAR_FORMAT)
         if not (path.exists() and path.read_bytes() == data):
-            tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-            tmp.write_bytes(data)
-            os.replace(tmp, path)
+            write_atomic(path, data)
         paths.append(path)
     if not paths:
         raise ValueError(f"no usable samples in {list(sources)}")

@@ -47,6 +47,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
+from curate.io.files import AtomicFile, TarWriter, atomic_open, atomic_path, is_temp, write_atomic
+
 DEFAULT_CACHE = Path("~/.cache/curate/debs")
 DEFAULT_SHARD_SIZE = 1000
 DEFAULT_MAX_SIDE = 1024
@@ -86,7 +88,6 @@ _RDF = "{http://www.w3.org/1999/02/22-rdf-syntax-ns#}"
 # tuxpaint translation lines look like ``pt_BR.utf8=...``; line 1 is the English one
 _LOCALE_LINE = re.compile(r"^[A-Za-z]{2,3}(_[A-Za-z]{2,3})?(@[A-Za-z0-9]+)?\.[Uu][Tt][Ff]-?8=")
 _SHARD_FILE = re.compile(r"^\d{5}(\.tar|\.parquet|_stats\.json)$")
-_SHARD_TMP = re.compile(r"^\.\d{5}(\.tar|\.parquet|_stats\.json)\.tmp$")  # left by an interrupted run
 
 SIDECAR_SCHEMA = pa.schema(
     [
@@ -265,15 +266,10 @@ def download_package(name: str, cache: Path = DEFAULT_CACHE) -> Path:
         assert deb is not None
     root = cache / "extracted" / deb.name.removesuffix(".deb")
     if not root.is_dir():
-        root.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=root.parent))
-        try:
+        with atomic_path(root, replace=False) as tmp:  # another fetch may extract it first
             proc = _run(["dpkg-deb", "-x", str(deb), str(tmp)])
             if proc.returncode != 0:
                 raise FetchError(f"dpkg-deb -x {deb} failed:\n{_tail(proc.stdout + proc.stderr)}")
-            os.replace(tmp, root)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
     return root
 
 
@@ -646,17 +642,17 @@ class ShardWriter:
         self.shard_size = shard_size
         self.written: list[str] = []  # shard names, e.g. "00000"
         self.count = 0
-        self._tar: tarfile.TarFile | None = None
-        self._tmp: Path | None = None
+        self._tar: TarWriter | None = None
+        self._file: AtomicFile | None = None
         self._rows: list[dict[str, Any]] = []
 
     def add(self, key: str, image: bytes, ext: str, caption: str, meta: dict[str, Any]) -> None:
         if self._tar is None:
             self._open()
         assert self._tar is not None
-        self._member(f"{key}.{ext}", image)
-        self._member(f"{key}.txt", caption.encode("utf-8"))
-        self._member(f"{key}.json", json.dumps(meta, sort_keys=True, ensure_ascii=False).encode("utf-8"))
+        self._tar.add(f"{key}.{ext}", image)
+        self._tar.add(f"{key}.txt", caption.encode("utf-8"))
+        self._tar.add(f"{key}.json", json.dumps(meta, sort_keys=True, ensure_ascii=False).encode("utf-8"))
         self._rows.append(
             {
                 "key": key,
@@ -683,45 +679,31 @@ class ShardWriter:
         if self.directory.is_dir():
             for path in self.directory.iterdir():
                 stale = _SHARD_FILE.match(path.name) and path.name not in keep
-                if stale or _SHARD_TMP.match(path.name):
+                if stale or is_temp(path.name):
                     path.unlink()
         return self.written
 
     def _open(self) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
-        name = f"{len(self.written):05d}"
-        self._tmp = self.directory / f".{name}.tar.tmp"
-        # kept open across add() calls and closed in _finish(): a with-block cannot span them
-        self._tar = tarfile.open(self._tmp, "w", format=tarfile.USTAR_FORMAT)  # noqa: SIM115
-
-    def _member(self, name: str, data: bytes) -> None:
-        info = tarfile.TarInfo(name)
-        info.size = len(data)
-        info.mode = 0o644
-        info.mtime = 0
-        assert self._tar is not None
-        self._tar.addfile(info, io.BytesIO(data))
+        # kept open across add() calls and committed in _finish(): a with-block cannot span them
+        self._file = AtomicFile(self.directory / f"{len(self.written):05d}.tar")
+        self._tar = TarWriter(self._file.file, format=tarfile.USTAR_FORMAT)
 
     def _finish(self) -> None:
-        assert self._tar is not None and self._tmp is not None
+        assert self._tar is not None and self._file is not None
         self._tar.close()
         name = f"{len(self.written):05d}"
         table = pa.Table.from_pylist(self._rows, schema=SIDECAR_SCHEMA)
-        _atomic_write(self.directory / f"{name}.parquet", lambda p: pq.write_table(table, p))
+        with atomic_open(self.directory / f"{name}.parquet") as f:
+            pq.write_table(table, f)
         stats = {"count": len(self._rows), "successes": len(self._rows), "failed": 0}
-        _atomic_write(
+        write_atomic(
             self.directory / f"{name}_stats.json",
-            lambda p: p.write_text(json.dumps(stats, indent=2, sort_keys=True) + "\n"),
+            (json.dumps(stats, indent=2, sort_keys=True) + "\n").encode(),
         )
-        os.replace(self._tmp, self.directory / f"{name}.tar")  # the tar last: it marks the shard done
+        self._file.commit()  # the tar last: it marks the shard done
         self.written.append(name)
-        self._tar, self._tmp, self._rows = None, None, []
-
-
-def _atomic_write(path: Path, write: Callable[[Path], object]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
+        self._tar, self._file, self._rows = None, None, []
 
 
 # ---------------------------------------------------------------------- fetch
@@ -1061,4 +1043,4 @@ def _write_report(report: FetchReport) -> None:
     output = Path(report.output)
     output.mkdir(parents=True, exist_ok=True)
     text = json.dumps(report.to_dict(), indent=2, ensure_ascii=False) + "\n"  # field order
-    _atomic_write(output / REPORT_NAME, lambda p: p.write_text(text, encoding="utf-8"))
+    write_atomic(output / REPORT_NAME, text.encode("utf-8"))

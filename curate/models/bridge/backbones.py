@@ -22,6 +22,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from curate.io.files import atomic_path
+
 IMAGE_SIZE = 224
 IMAGE_DIM = 1280
 TEXT_DIM = 384
@@ -53,9 +55,8 @@ def _package_dir(module: str, pip_name: str, extra: str = "") -> Path:
 def _atomic_save_file(tensors: dict[str, torch.Tensor], path: Path) -> None:
     from safetensors.torch import save_file
 
-    tmp = path.with_suffix(f".tmp-{os.getpid()}")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
 
 
 @functools.cache
@@ -204,15 +205,9 @@ def language_model_dir() -> Path:
     model = type(gguf_model)(config)
     model.load_state_dict(gguf_model.state_dict())
     del gguf_model
-    tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
-    model.save_pretrained(tmp, safe_serialization=True)
-    tok.save_pretrained(tmp)
-    if target.exists():  # another process won the race
-        import shutil
-
-        shutil.rmtree(tmp, ignore_errors=True)
-    else:
-        os.replace(tmp, target)
+    with atomic_path(target, replace=False) as tmp:  # another process may win the race
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
     return target
 
 
