@@ -1,8 +1,8 @@
 """Compose the stages with Ray Data and drive a run.
 
     shards --read (tasks)--> rows --decode (tasks)--> caption (actors) --> [KALE rewrite (actors)]
-           --> filter (actors) --> rank (actors) --> policy (tasks)
-           --> driver: RunWriter (per-shard atomic files)
+           --> filter (actors) --> rank (actors) --> policy + write part (tasks)
+           --> driver: per-shard counts --> commit (tasks): OUT/{shards,_shards,samples}/NAME
 
 When the filter and the ranker are the same bridge filter (ITM and ITC heads of one
 model), one actor pool computes both scores, encoding each image and text once.
@@ -10,18 +10,24 @@ model), one actor pool computes both scores, encoding each image and text once.
 Ray Data streams blocks between operators with backpressure, so memory is bounded by
 the blocks in flight, not by the input size. Each input shard is read by one task that
 yields small batches and, last, a ``shard_end`` row carrying the shard's sample count;
-the driver finishes a shard's files when that many rows have arrived.
+the last task of a block writes its rows as part files on the worker and returns a
+few fields per shard; the driver adds those up and, when a shard's count is complete,
+starts a commit task that merges its parts into the final files. Rows and images never
+pass through the driver, whose state is a counter and a list of part paths per shard in
+flight.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import json
 import logging
 import os
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib import metadata
@@ -29,23 +35,25 @@ from typing import Any
 
 from curate import __version__
 from curate.config import PACKAGED_PREFIX, ModelConfig, PipelineConfig
+from curate.io.files import output_fs, write_atomic
 from curate.io.reader import ShardRef
 from curate.io.writer import (
     MANIFEST,
+    PARTS_DIR,
     PIPELINE_FILE,
     SAMPLES_DIR,
     SHARD_META_DIR,
     SHARDS_DIR,
-    RunWriter,
+    ShardTracker,
+    clear_leftovers,
+    commit_shard,
     done_shards,
-    output_fs,
     read_shard_metas,
-    write_atomic,
 )
 from curate.schema import STATUSES
 from curate.stages.decode import decode_batch
-from curate.stages.policy import apply_policy
 from curate.stages.rows import read_shards_batch
+from curate.stages.write import finish_block
 
 log = logging.getLogger("curate.pipeline")
 
@@ -104,8 +112,38 @@ def _map_actor(ds, stage: type, cfg: ModelConfig, block_rows: int, **kwargs: Any
     return map_batches(stage, **args)
 
 
-def build_dataset(cfg: PipelineConfig, shards: list[ShardRef]):
-    """The lazy Ray Dataset of finished rows for ``shards``."""
+# Ray Data's scheduling loop runs in the driver. Besides a step per finished task it
+# wakes every 0.1 s to re-plan, and each step recomputes every operator's resource
+# budget: on a run bounded by slow workers that idle polling, not the blocks, was most of
+# the driver's CPU. Tasks finishing still wake it at once; the longer idle wake only
+# delays re-planning when nothing has finished.
+EXECUTOR_IDLE_WAKE_S = float(os.environ.get("CURATE_EXECUTOR_IDLE_WAKE_S", "1.0"))
+
+
+def _quiet_driver(ds, cfg: PipelineConfig):
+    """``ds`` with its execution settings: the object-store budget, and no per-step work
+    the driver does not need (no progress bars: the CLI reports progress per shard; no
+    issue detectors; no stats dump at the end; a slower idle wake)."""
+    ctx = ds.context  # this dataset's own context: other datasets of the driver keep theirs
+    if cfg.read.in_flight_mb:
+        limits = ctx.execution_options.resource_limits
+        ctx.execution_options.resource_limits = limits.copy(object_store_memory=cfg.read.in_flight_mb * 2**20)
+    ctx.enable_progress_bars = False
+    ctx.enable_auto_log_stats = False
+    with contextlib.suppress(AttributeError):
+        ctx.issue_detectors_config.detectors = []
+    try:
+        from ray.data._internal.execution import streaming_executor_state
+    except ImportError:  # another Ray layout: its default stays
+        return ds
+    if hasattr(streaming_executor_state, "WAIT_FOR_TASK_COMPLETION_TIMEOUT_S"):
+        streaming_executor_state.WAIT_FOR_TASK_COMPLETION_TIMEOUT_S = EXECUTOR_IDLE_WAKE_S
+    return ds
+
+
+def build_dataset(cfg: PipelineConfig, shards: list[ShardRef], output: str):
+    """The lazy Ray Dataset of ``shards``: its rows end as part files under ``output``, and
+    what it yields is the write summary of each block (``SUMMARY_SCHEMA``)."""
     import ray.data
 
     # the model stages import torch; the driver and the CPU tasks never need it
@@ -115,6 +153,25 @@ def build_dataset(cfg: PipelineConfig, shards: list[ShardRef]):
     ds = ray.data.from_items(
         [{"url": s.url, "name": s.name} for s in shards], override_num_blocks=len(shards)
     )
+    decode = functools.partial(decode_batch, cfg=cfg.decode, keep_pixels=bool(cfg.models()))
+    finish = functools.partial(
+        finish_block, policy=cfg.policy, output=output, write_tars=cfg.output.write_shards
+    )
+    if not cfg.models():
+        # convert / re-shard: one task per shard reads, checks and writes its blocks, so no
+        # image crosses the object store and the driver sees one operator's events
+        return _quiet_driver(
+            ds.map_batches(
+                read_shards_batch,
+                fn_kwargs={"batch_size": cfg.read.batch_size, "then": (decode, finish)},
+                batch_size=1,
+                batch_format="pyarrow",
+                num_cpus=cfg.decode.num_cpus,
+                compute=ray.data.TaskPoolStrategy(size=cfg.read.concurrency or cfg.decode.concurrency),
+                memory=cfg.decode.memory_mb * 2**20,
+            ),
+            cfg,
+        )
     ds = ds.map_batches(
         read_shards_batch,
         fn_kwargs={"batch_size": cfg.read.batch_size},
@@ -124,8 +181,7 @@ def build_dataset(cfg: PipelineConfig, shards: list[ShardRef]):
         compute=ray.data.TaskPoolStrategy(size=cfg.read.concurrency),
     )
     ds = ds.map_batches(
-        decode_batch,
-        fn_kwargs={"cfg": cfg.decode},
+        decode,
         batch_size=None,
         batch_format="pyarrow",
         num_cpus=cfg.decode.num_cpus,
@@ -146,19 +202,8 @@ def build_dataset(cfg: PipelineConfig, shards: list[ShardRef]):
         ds = _map_actor(ds, FilterStage, cfg.filter, rows, error_policy=errors)
     if cfg.ranker is not None and not fused:
         ds = _map_actor(ds, RankStage, cfg.ranker, rows, error_policy=errors)
-    ds = ds.map_batches(
-        apply_policy,
-        fn_kwargs={"policy": cfg.policy, "keep_images": cfg.output.write_shards},
-        batch_size=None,
-        batch_format="pyarrow",
-        num_cpus=0.25,
-    )
-    if cfg.read.in_flight_mb:  # this dataset's own context: other datasets of the driver keep theirs
-        limits = ds.context.execution_options.resource_limits
-        ds.context.execution_options.resource_limits = limits.copy(
-            object_store_memory=cfg.read.in_flight_mb * 2**20
-        )
-    return ds
+    ds = ds.map_batches(finish, batch_size=None, batch_format="pyarrow", num_cpus=0.25)
+    return _quiet_driver(ds, cfg)
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> str:
@@ -284,7 +329,7 @@ def prepare_output(output: str, cfg: PipelineConfig, overwrite: bool) -> None:
     """Create the layout, refuse to mix pipelines, clear temp files of a crashed run."""
     fs, root = output_fs(output)
     if overwrite:
-        for sub in (SAMPLES_DIR, SHARDS_DIR, SHARD_META_DIR):
+        for sub in (SAMPLES_DIR, SHARDS_DIR, SHARD_META_DIR, PARTS_DIR):
             if fs.exists(f"{root}/{sub}"):
                 fs.rm(f"{root}/{sub}", recursive=True)
         for name in (MANIFEST, PIPELINE_FILE):
@@ -308,11 +353,8 @@ def prepare_output(output: str, cfg: PipelineConfig, overwrite: bool) -> None:
                 json.dumps({"name": cfg.name, "fingerprint": fingerprint, "pipeline": cfg.to_dict()}).encode()
             )
     for sub in (SAMPLES_DIR, SHARDS_DIR, SHARD_META_DIR):
-        path = f"{root}/{sub}"
-        fs.makedirs(path, exist_ok=True)
-        for p in fs.ls(path, detail=False):
-            if ".tmp-" in p.rsplit("/", 1)[-1]:
-                fs.rm(p)
+        fs.makedirs(f"{root}/{sub}", exist_ok=True)
+    clear_leftovers(output)
 
 
 def run_pipeline(
@@ -337,22 +379,76 @@ def run_pipeline(
     if not todo:
         result.nothing_to_do = True
     else:
-        writer = RunWriter(output, todo, write_tars=cfg.output.write_shards)
-        ds = build_dataset(cfg, todo)
-        try:
-            for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-                for meta in writer.add_rows(batch.to_pylist()):
-                    result.samples_processed += meta["samples"]
-                    if meta["fault"] and meta["samples"] == 0:
-                        result.unreadable_shards.append(meta["shard"])
-                    if on_shard:
-                        on_shard(meta)
-        finally:
-            writer.close()
+        _run_shards(cfg, todo, output, result, on_shard)
     result.wall_s = time.time() - started
     manifest = write_manifest(output, cfg, shards, result, started_at)
     result.counts = manifest["counts"]
     return result
+
+
+def _run_shards(
+    cfg: PipelineConfig,
+    todo: list[ShardRef],
+    output: str,
+    result: RunResult,
+    on_shard: Callable[[dict], None] | None,
+) -> None:
+    """Stream the blocks' write summaries; commit each shard on a worker once it is complete."""
+    import ray
+
+    commit = ray.remote(commit_shard).options(num_cpus=0.25, max_retries=3, retry_exceptions=False)
+    tracker = ShardTracker(output, todo, write_tars=cfg.output.write_shards)
+    commits: dict[Any, str] = {}
+
+    def finished(meta: dict) -> None:
+        result.samples_processed += meta["samples"]
+        if meta["fault"] and meta["samples"] == 0:
+            result.unreadable_shards.append(meta["shard"])
+        if on_shard:
+            on_shard(meta)
+
+    def harvest(block: bool) -> None:
+        if not commits:
+            return
+        ready, _ = ray.wait(list(commits), num_returns=len(commits), timeout=None if block else 0)
+        for ref in ready:
+            del commits[ref]
+            finished(ray.get(ref))
+
+    ds = build_dataset(cfg, todo, output)
+    for batch in _summary_blocks(ds):
+        for summary in batch.to_pylist():
+            job = tracker.add(summary)
+            if job is not None:
+                commits[commit.remote(**job.kwargs)] = job.name
+        harvest(block=False)
+    tracker.close()
+    harvest(block=True)
+    fs, root = output_fs(output)
+    if fs.exists(f"{root}/{PARTS_DIR}") and not fs.ls(f"{root}/{PARTS_DIR}", detail=False):
+        fs.rm(f"{root}/{PARTS_DIR}", recursive=True)  # every shard committed: nothing left in it
+
+
+def _summary_blocks(ds) -> Iterator[Any]:
+    """The dataset's output blocks (write summaries, a few rows each) as Arrow tables.
+
+    Straight from the executor's output bundles: ``iter_batches`` would add a batching,
+    formatting and prefetching layer with threads and per-batch stats of its own, most
+    of the driver's remaining CPU for blocks this small.
+    """
+    import ray
+
+    bundles = getattr(ds, "iter_internal_ref_bundles", None)
+    if bundles is None:  # a Ray without it
+        yield from ds.iter_batches(batch_size=None, batch_format="pyarrow")
+        return
+    for bundle in bundles():
+        blocks = ray.get(bundle.block_refs)
+        slices = getattr(bundle, "slices", None) or (None,) * len(blocks)
+        for block, part in zip(blocks, slices):
+            if part is not None:
+                block = block.slice(part.start_offset, part.end_offset - part.start_offset)
+            yield block
 
 
 def write_manifest(
@@ -405,5 +501,5 @@ def write_manifest(
         "samples_per_s": this_run["samples_per_s"],
         "runs": [*previous.get("runs", []), this_run],
     }
-    write_atomic(fs, f"{root}/{MANIFEST}", json.dumps(manifest, indent=2).encode())
+    write_atomic(f"{root}/{MANIFEST}", json.dumps(manifest, indent=2).encode(), fs)
     return manifest

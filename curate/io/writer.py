@@ -1,30 +1,46 @@
-"""Write a run's output, one input shard at a time, atomically.
+"""Write a run's output on the workers, one input shard at a time, atomically.
 
 For each input shard ``NAME``::
 
-    OUT/shards/NAME.tar          curated WebDataset: kept samples (image, .txt, .json)
-    OUT/_shards/NAME.json        per-shard counts and the shard's read fault, if any
-    OUT/samples/NAME.parquet     one row per input sample (written last: the done marker)
+    OUT/_parts/NAME/SEQ-TOKEN.parquet   a block's finished rows (and kept images), while the run is on
+    OUT/shards/NAME.tar                 curated WebDataset: kept samples (image, .txt, .json)
+    OUT/_shards/NAME.json               per-shard counts and the shard's read fault, if any
+    OUT/samples/NAME.parquet            one row per input sample (written last: the done marker)
 
-Each file is written under a temporary name and renamed when complete, so a crash
-never leaves a half shard under a final name, and a shard whose Parquet exists is done.
+Two steps, both on Ray workers, so rows and images never pass through the driver:
+
+1. :func:`write_part` (the last task of every block) writes the block's rows as one part
+   file per shard under a temporary name, renamed when complete, and returns a summary
+   of a few fields per shard: the part's path, how many sample rows it holds and, from
+   the shard's ``shard_end`` row, how many the shard has in all.
+2. When the summaries of a shard add up to its total (:class:`ShardTracker`, on the
+   driver), :func:`commit_shard` (a task) merges the shard's parts in ``seq`` order into
+   the curated tar and the samples Parquet, each under a temporary name then renamed,
+   Parquet last, and removes the parts.
+
+A part is named by its first ``seq`` and a random token: a retried block writes a new
+part and the summary names the one that counts, so a lost attempt's part is ignored
+and removed with the rest. A commit is idempotent: run again after a crash, it redoes
+the merge from the parts, or returns the shard's meta when the Parquet is already in
+place. A run that dies leaves parts and temporary names only, never a half shard under
+a final name; the next run removes them and redoes those shards.
 """
 
 from __future__ import annotations
 
-import io
 import json
-import os
-import tarfile
 import time
 import uuid
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import fsspec
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from curate.io.files import TarWriter, atomic_open, is_temp, output_fs, write_atomic
 from curate.io.reader import ShardRef, sanitize_key
 from curate.schema import (
     ROW_SHARD_END,
@@ -38,17 +54,43 @@ from curate.schema import (
 SAMPLES_DIR = "samples"
 SHARDS_DIR = "shards"
 SHARD_META_DIR = "_shards"
+PARTS_DIR = "_parts"
 MANIFEST = "manifest.json"
 PIPELINE_FILE = "_pipeline.json"
+ROW_GROUP_SIZE = 4096
+
+# a part: the output rows, plus what the commit needs to order them and build the tar
+PART_SCHEMA = pa.schema([*SAMPLES_SCHEMA, pa.field("seq", pa.int64()), pa.field("image", pa.binary())])
+
+# what a block's write tells the driver, per shard in the block: a few scalars
+SUMMARY_SCHEMA = pa.schema(
+    [
+        pa.field("shard", pa.string()),
+        pa.field("part", pa.string()),  # null when the block held only the shard_end row
+        pa.field("rows", pa.int64()),  # sample rows in the part
+        pa.field("total", pa.int64()),  # the shard's sample count, from its shard_end row; else null
+        pa.field("fault", pa.string()),  # the shard's read fault, from its shard_end row
+    ]
+)
 
 
 class IncompleteRunError(RuntimeError):
     pass
 
 
-def output_fs(output: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    fs, root = fsspec.core.url_to_fs(output)
-    return fs, root.rstrip("/")
+__all__ = [
+    "IncompleteRunError",
+    "RunWriter",
+    "ShardTracker",
+    "commit_shard",
+    "done_shards",
+    "output_fs",
+    "output_row",
+    "read_shard_metas",
+    "tar_members",
+    "write_atomic",
+    "write_part",
+]
 
 
 def done_shards(output: str) -> set[str]:
@@ -65,11 +107,11 @@ def done_shards(output: str) -> set[str]:
     return names
 
 
-def _output_candidates(raw: str | None) -> list[dict]:
+def _output_candidates(raw: str | list | None) -> list[dict]:
     if not raw:
         return []
     out = []
-    for c in json.loads(raw):
+    for c in json.loads(raw) if isinstance(raw, str) else raw:
         out.append(
             {
                 "text": c.get("text"),
@@ -95,7 +137,11 @@ def output_row(row: dict) -> dict:
 
 
 def tar_members(row: dict) -> list[tuple[str, bytes]]:
-    """Curated WebDataset members for a kept sample, readable by webdataset as is."""
+    """Curated WebDataset members for a kept sample, readable by webdataset as is.
+
+    ``row`` is an internal row or a samples row (candidates as JSON text or as dicts) with
+    its ``image`` bytes.
+    """
     key = sanitize_key(row["key"])
     candidates = [c for c in _output_candidates(row.get("candidates")) if c["kept"]]
     order = {text: i for i, text in enumerate(row.get("captions") or [])}
@@ -118,156 +164,278 @@ def tar_members(row: dict) -> list[tuple[str, bytes]]:
     ]
 
 
-@dataclass
-class ShardWriter:
-    """Collects one shard's rows; the curated tar streams to disk, rows are sorted at the end."""
+def _part_dir(root: str, shard: str) -> str:
+    return f"{root}/{PARTS_DIR}/{shard}"
 
-    fs: fsspec.AbstractFileSystem
-    root: str
-    shard: ShardRef
-    write_tar: bool = True
-    rows: list[dict] = field(default_factory=list)
+
+def write_part(rows: Iterable[dict], output: str, write_tars: bool = True) -> list[dict]:
+    """Write one block's finished rows, a part file per shard; return a summary per shard.
+
+    Runs on a worker. Images are kept in the part only for kept samples, and only when
+    the run writes curated tars.
+    """
+    fs, root = output_fs(output)
+    by_shard: dict[str, list[dict]] = {}
+    ends: dict[str, dict] = {}
+    for row in rows:
+        if row["row_type"] == ROW_SHARD_END:
+            ends[row["shard"]] = row
+            by_shard.setdefault(row["shard"], [])
+        else:
+            by_shard.setdefault(row["shard"], []).append(row)
+    summaries = []
+    for shard, shard_rows in by_shard.items():
+        part = None
+        if shard_rows:
+            shard_rows.sort(key=lambda r: r["seq"])
+            records = []
+            for r in shard_rows:
+                record = output_row(r)
+                record["seq"] = r["seq"]
+                keep_image = write_tars and record["status"] == STATUS_KEPT
+                record["image"] = r.get("image") if keep_image else None
+                records.append(record)
+            directory = _part_dir(root, shard)
+            fs.makedirs(directory, exist_ok=True)
+            part = f"{directory}/{shard_rows[0]['seq']:012d}-{uuid.uuid4().hex[:12]}.parquet"
+            table = pa.Table.from_pylist(records, schema=PART_SCHEMA)
+            with atomic_open(part, fs) as f:
+                pq.write_table(table, f)
+        end = ends.get(shard)
+        summaries.append(
+            {
+                "shard": shard,
+                "part": part,
+                "rows": len(shard_rows),
+                "total": int(end["shard_total"] or 0) if end is not None else None,
+                "fault": end.get("shard_error") if end is not None else None,
+            }
+        )
+    return summaries
+
+
+def _members_in_order(table: pa.Table, names: set[str]) -> Iterable[tuple[str, bytes]]:
+    """The kept samples' tar members of one part, names made unique within the shard."""
+    kept = table.filter(pc.equal(table.column("status"), STATUS_KEPT))
+    for row in kept.to_pylist():
+        if not row.get("image"):
+            continue
+        members = tar_members(row)
+        if members[0][0] in names:  # two keys sanitised to one name
+            stem = members[0][0].rsplit(".", 1)[0]
+            members = [(f"{stem}_{row['seq']}.{n.split('.', 1)[1]}", d) for n, d in members]
+        names.add(members[0][0])
+        yield from members
+
+
+def read_shard_meta(output: str, shard: str) -> dict | None:
+    fs, root = output_fs(output)
+    path = f"{root}/{SHARD_META_DIR}/{shard}.json"
+    if not fs.exists(path):
+        return None
+    with fs.open(path, "rb") as f:
+        return json.loads(f.read())
+
+
+def commit_shard(
+    output: str,
+    shard: ShardRef,
+    parts: list[str],
+    total: int,
+    fault: str | None = None,
+    write_tar: bool = True,
+    started: float | None = None,
+) -> dict:
+    """Merge a complete shard's parts into its final files; return the shard's meta.
+
+    Runs on a worker. The tar streams part by part (one part's images in memory at a
+    time), the rows of every part are sorted by ``seq`` into one Parquet, written last.
+    """
+    fs, root = output_fs(output)
+    final = f"{root}/{SAMPLES_DIR}/{shard.name}.parquet"
+    if fs.exists(final):  # a retried commit whose first attempt finished
+        meta = read_shard_meta(output, shard.name)
+        if meta is not None:
+            _remove_parts(fs, root, shard.name)
+            return meta
+    for sub in (SAMPLES_DIR, SHARDS_DIR, SHARD_META_DIR):
+        fs.makedirs(f"{root}/{sub}", exist_ok=True)
+    parts = sorted(parts, key=lambda p: p.rsplit("/", 1)[-1])  # by first seq
+    tables: list[pa.Table] = []
+
+    def merged_parts() -> Iterable[pa.Table]:
+        for part in parts:
+            with fs.open(part, "rb") as f:
+                table = pq.read_table(f, schema=PART_SCHEMA)
+            yield table
+            tables.append(table.drop_columns(["image"]))
+
+    if write_tar:
+        names: set[str] = set()
+        with atomic_open(f"{root}/{SHARDS_DIR}/{shard.name}.tar", fs) as f, TarWriter(f) as tar:
+            for table in merged_parts():
+                tar.add_all(_members_in_order(table, names))
+    else:
+        for _ in merged_parts():
+            pass
+    if tables:
+        rows = pa.concat_tables(tables).sort_by("seq")
+    else:
+        rows = PART_SCHEMA.empty_table().drop_columns(["image"])
+    if rows.num_rows != total:
+        raise IncompleteRunError(f"shard {shard.name}: {rows.num_rows} rows for {total} samples read")
+    statuses = Counter(rows.column("status").to_pylist())
+    dropped = pc.equal(rows.column("status"), STATUS_DROPPED)
+    reasons = Counter(rows.filter(dropped).column("reason").to_pylist())
+    meta = {
+        "shard": shard.name,
+        "url": shard.url,
+        "samples": rows.num_rows,
+        **{s: statuses.get(s, 0) for s in STATUSES},
+        "reasons": dict(reasons),
+        "fault": fault,
+        "wall_s": round(time.time() - started, 3) if started is not None else None,
+    }
+    write_atomic(f"{root}/{SHARD_META_DIR}/{shard.name}.json", json.dumps(meta, indent=1).encode(), fs)
+    table = rows.drop_columns(["seq"]).cast(SAMPLES_SCHEMA)
+    with atomic_open(final, fs) as f:
+        pq.write_table(table, f, row_group_size=ROW_GROUP_SIZE)
+    _remove_parts(fs, root, shard.name)
+    return meta
+
+
+def _remove_parts(fs: fsspec.AbstractFileSystem, root: str, shard: str) -> None:
+    directory = _part_dir(root, shard)
+    if fs.exists(directory):
+        fs.rm(directory, recursive=True)
+
+
+def clear_leftovers(output: str) -> None:
+    """Remove a crashed run's parts and temporary files (before a run starts)."""
+    fs, root = output_fs(output)
+    if fs.exists(f"{root}/{PARTS_DIR}"):
+        fs.rm(f"{root}/{PARTS_DIR}", recursive=True)
+    for sub in (SAMPLES_DIR, SHARDS_DIR, SHARD_META_DIR):
+        path = f"{root}/{sub}"
+        if not fs.exists(path):
+            continue
+        for p in fs.ls(path, detail=False):
+            if is_temp(p):
+                fs.rm(p)
+
+
+@dataclass
+class CommitJob:
+    """A complete shard, ready for :func:`commit_shard` (its keyword arguments in ``kwargs``)."""
+
+    name: str
+    kwargs: dict
+
+
+@dataclass
+class _Pending:
+    ref: ShardRef
+    started: float = field(default_factory=time.time)
     received: int = 0
     total: int | None = None
     fault: str | None = None
-    started: float = field(default_factory=time.time)
+    parts: list[str] = field(default_factory=list)
 
-    def __post_init__(self) -> None:
-        token = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        self._tar_tmp = f"{self.root}/{SHARDS_DIR}/.{self.shard.name}.tar.tmp-{token}"
-        self._tar_file = None
-        self._tar = None
-        if self.write_tar:
-            # both stay open across add() calls; closed in finish() or abort()
-            self._tar_file = self.fs.open(self._tar_tmp, "wb")
-            self._tar = tarfile.open(fileobj=self._tar_file, mode="w", format=tarfile.PAX_FORMAT)  # noqa: SIM115
-        self._names: set[str] = set()
 
-    def add(self, row: dict) -> None:
-        if row["row_type"] == ROW_SHARD_END:
-            self.total = int(row["shard_total"] or 0)
-            self.fault = row.get("shard_error")
-            return
-        self.received += 1
-        if self._tar is not None and row["status"] == STATUS_KEPT and row.get("image"):
-            members = tar_members(row)
-            if members[0][0] in self._names:  # two keys sanitised to one name
-                stem = members[0][0].rsplit(".", 1)[0]
-                members = [(f"{stem}_{row['seq']}.{n.split('.', 1)[1]}", d) for n, d in members]
-            for name, data in members:
-                self._names.add(name)
-                info = tarfile.TarInfo(name)
-                info.size = len(data)
-                info.mtime = 0
-                info.mode = 0o644
-                self._tar.addfile(info, io.BytesIO(data))
-        row = dict(row)
-        row["image"] = None
-        row["pixels"] = None
-        self.rows.append(row)
+class ShardTracker:
+    """The driver's whole state: per shard in flight, a count and its part paths.
 
-    @property
-    def complete(self) -> bool:
-        return self.total is not None and self.received >= self.total
+    Fed the write summaries, it says when a shard is complete; a committed shard leaves
+    it, so the state is bounded by the shards in flight, never by the input.
+    """
 
-    def counts(self) -> dict[str, int]:
-        c = Counter(r["status"] for r in self.rows)
-        return {s: c.get(s, 0) for s in STATUSES}
+    def __init__(self, output: str, shards: list[ShardRef], write_tars: bool = True) -> None:
+        self.output = output
+        self.write_tars = write_tars
+        self.refs = {s.name: s for s in shards}
+        self.open: dict[str, _Pending] = {}
+        self.committed = 0
+        self._seen: set[str] = set()
 
-    def finish(self) -> dict:
-        """Rename the tar, write the shard's meta, then its Parquet (the done marker)."""
-        if self.received != self.total:
+    def add(self, summary: dict) -> CommitJob | None:
+        name = summary["shard"]
+        if name not in self.refs:
+            raise IncompleteRunError(f"rows for unknown shard {name!r}")
+        pending = self.open.get(name)
+        if pending is None:
+            if name in self._seen:
+                raise IncompleteRunError(f"rows for shard {name!r} after it was complete")
+            pending = self.open[name] = _Pending(self.refs[name])
+            self._seen.add(name)
+        pending.received += int(summary["rows"])
+        if summary.get("part"):
+            pending.parts.append(summary["part"])
+        if summary.get("total") is not None:
+            pending.total = int(summary["total"])
+            pending.fault = summary.get("fault")
+        if pending.total is None or pending.received < pending.total:
+            return None
+        if pending.received > pending.total:
             raise IncompleteRunError(
-                f"shard {self.shard.name}: {self.received} rows for {self.total} samples read"
+                f"shard {name}: {pending.received} rows for {pending.total} samples read"
             )
-        base = self.root
-        if self._tar is not None:
-            self._tar.close()
-            self._tar_file.close()
-            self.fs.mv(self._tar_tmp, f"{base}/{SHARDS_DIR}/{self.shard.name}.tar")
-        self.rows.sort(key=lambda r: r["seq"])
-        table = pa.Table.from_pylist([output_row(r) for r in self.rows], schema=SAMPLES_SCHEMA)
-        counts = self.counts()
-        meta = {
-            "shard": self.shard.name,
-            "url": self.shard.url,
-            "samples": self.received,
-            **counts,
-            "reasons": dict(Counter(r["reason"] for r in self.rows if r["status"] == STATUS_DROPPED)),
-            "fault": self.fault,
-            "wall_s": round(time.time() - self.started, 3),
-        }
-        write_atomic(
-            self.fs, f"{base}/{SHARD_META_DIR}/{self.shard.name}.json", json.dumps(meta, indent=1).encode()
+        del self.open[name]
+        self.committed += 1
+        return CommitJob(
+            name,
+            {
+                "output": self.output,
+                "shard": pending.ref,
+                "parts": pending.parts,
+                "total": pending.total,
+                "fault": pending.fault,
+                "write_tar": self.write_tars,
+                "started": pending.started,
+            },
         )
-        token = uuid.uuid4().hex[:8]
-        tmp = f"{base}/{SAMPLES_DIR}/.{self.shard.name}.parquet.tmp-{token}"
-        with self.fs.open(tmp, "wb") as f:
-            pq.write_table(table, f, row_group_size=4096)
-        self.fs.mv(tmp, f"{base}/{SAMPLES_DIR}/{self.shard.name}.parquet")
-        return meta
 
-    def abort(self) -> None:
-        if self._tar is not None:
-            try:
-                self._tar.close()
-                self._tar_file.close()
-            finally:
-                if self.fs.exists(self._tar_tmp):
-                    self.fs.rm(self._tar_tmp)
-
-
-def write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
-    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-    with fs.open(tmp, "wb") as f:
-        f.write(data)
-    fs.mv(tmp, path)
+    def close(self) -> None:
+        """Every shard must be complete; anything else is a bug worth failing loudly for."""
+        pending = {n: (p.received, p.total) for n, p in self.open.items()}
+        missing = [n for n in self.refs if n not in self._seen]
+        if pending or missing:
+            raise IncompleteRunError(f"shards not completed: pending={pending} never_seen={missing}")
 
 
 class RunWriter:
-    """Routes rows to their shard writers and finishes each shard when all its rows arrived."""
+    """The whole write path in one process (tests, and runs without Ray): rows in, shards out.
+
+    It writes a part per ``add_rows`` call and commits each shard when complete, through
+    the same :func:`write_part` and :func:`commit_shard` the workers run.
+    """
 
     def __init__(self, output: str, shards: list[ShardRef], write_tars: bool = True) -> None:
-        self.fs, self.root = output_fs(output)
+        fs, root = output_fs(output)
         for sub in (SAMPLES_DIR, SHARDS_DIR, SHARD_META_DIR):
-            self.fs.makedirs(f"{self.root}/{sub}", exist_ok=True)
-        self.refs = {s.name: s for s in shards}
+            fs.makedirs(f"{root}/{sub}", exist_ok=True)
+        self.output = output
         self.write_tars = write_tars
-        self.open: dict[str, ShardWriter] = {}
+        self.tracker = ShardTracker(output, shards, write_tars)
         self.finished: dict[str, dict] = {}
-
-    def _writer(self, name: str) -> ShardWriter:
-        w = self.open.get(name)
-        if w is None:
-            if name not in self.refs:
-                raise IncompleteRunError(f"row for unknown shard {name!r}")
-            w = self.open[name] = ShardWriter(self.fs, self.root, self.refs[name], self.write_tars)
-        return w
 
     def add_rows(self, rows: list[dict]) -> list[dict]:
         """Add rows; return the meta of every shard this completed."""
         done = []
-        touched = set()
-        for row in rows:
-            self._writer(row["shard"]).add(row)
-            touched.add(row["shard"])
-        for name in touched:
-            w = self.open[name]
-            if w.complete:
-                meta = w.finish()
-                del self.open[name]
-                self.finished[name] = meta
+        for summary in write_part(rows, self.output, self.write_tars):
+            job = self.tracker.add(summary)
+            if job is not None:
+                meta = commit_shard(**job.kwargs)
+                self.finished[job.name] = meta
                 done.append(meta)
         return done
 
     def close(self) -> None:
-        """Every shard must be finished; anything else is a bug worth failing loudly for."""
-        pending = {n: (w.received, w.total) for n, w in self.open.items()}
-        for w in self.open.values():
-            w.abort()
-        missing = [n for n in self.refs if n not in self.finished and n not in self.open]
-        if pending or missing:
-            raise IncompleteRunError(f"shards not completed: pending={pending} never_seen={missing}")
+        try:
+            self.tracker.close()
+        finally:
+            fs, root = output_fs(self.output)
+            for name in list(self.tracker.open):
+                _remove_parts(fs, root, name)
 
 
 def read_shard_metas(output: str) -> dict[str, dict]:

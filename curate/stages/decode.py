@@ -83,7 +83,9 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def decode_rows(rows: list[dict], cfg: DecodeConfig) -> list[dict]:
+def decode_rows(rows: list[dict], cfg: DecodeConfig, keep_pixels: bool = True) -> list[dict]:
+    """Decode and check each pending row's image; ``keep_pixels=False`` (no model stage
+    will look at them) checks without carrying the decoded pixels on."""
     for row in rows:
         if not is_pending(row):
             continue
@@ -109,8 +111,9 @@ def decode_rows(rows: list[dict], cfg: DecodeConfig) -> list[dict]:
             row["reason"] = "image_too_small"
             row["image"] = None
             continue
-        row["pixels"] = pixels.tobytes()
-        row["pixels_height"], row["pixels_width"] = pixels.shape[:2]
+        if keep_pixels:
+            row["pixels"] = pixels.tobytes()
+            row["pixels_height"], row["pixels_width"] = pixels.shape[:2]
         candidates = []
         if alt:
             candidates.append({"text": alt, "source": SOURCE_ALT, "itm_score": None, "clip_score": None})
@@ -118,9 +121,9 @@ def decode_rows(rows: list[dict], cfg: DecodeConfig) -> list[dict]:
     return rows
 
 
-def decode_batch(batch: pa.Table, cfg: DecodeConfig) -> pa.Table:
+def decode_batch(batch: pa.Table, cfg: DecodeConfig, keep_pixels: bool = True) -> pa.Table:
     """Ray Data entry point (a task, not an actor: decoding holds no state)."""
-    out = to_table(decode_rows(to_rows(batch), cfg))
+    out = to_table(decode_rows(to_rows(batch), cfg, keep_pixels))
     release_free_memory()  # a huge image's decode buffers must not stay with the worker
     return out
 

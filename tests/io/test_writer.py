@@ -13,12 +13,15 @@ import webdataset as wds
 
 from curate.io.reader import ShardRef, sanitize_key
 from curate.io.writer import (
+    PARTS_DIR,
     IncompleteRunError,
     RunWriter,
-    ShardWriter,
+    ShardTracker,
+    clear_leftovers,
+    commit_shard,
     done_shards,
-    output_fs,
     read_shard_metas,
+    write_part,
 )
 from curate.schema import (
     CANDIDATE_TYPE,
@@ -193,8 +196,8 @@ def test_parquet_rows_sorted_by_seq_with_values(finished):
 def test_curated_tar_reads_with_webdataset(finished):
     out, _, _ = finished
     dataset = wds.WebDataset(str(out / "shards" / "00000.tar"), shardshuffle=False, empty_check=False)
-    # the tar streams in arrival order (rows 3 then 0 here); only Parquet is sorted by seq
-    samples = sorted(dataset, key=lambda s: json.loads(s["json"])["key"])
+    # rows arrived 3 before 0; the commit merges the parts in seq order
+    samples = list(dataset)
     assert [s["__key__"] for s in samples] == [sanitize_key("000000"), sanitize_key("dir.v1/000003")]
     first, second = samples
     assert {k for k in first if not k.startswith("__")} == {"png", "txt", "json"}
@@ -249,33 +252,84 @@ def test_unfinished_status_becomes_an_error_row(tmp_path):
     assert "unfinished" in row["error"]
 
 
-def test_aborted_shard_leaves_no_final_files(tmp_path):
+def test_a_block_becomes_a_part_and_a_summary(tmp_path):
     out = tmp_path / "out"
-    RunWriter(str(out), [])  # makes the directories
-    fs, root = output_fs(str(out))
     shard = ref(tmp_path)
-    writer = ShardWriter(fs, root, shard)
-    for row in shard_rows(shard)[:2]:
-        writer.add(row)
-    assert any(".tmp" in f for f in all_files(out))  # the tar streams to a temp file
-    assert not writer.complete
-    writer.abort()
+    rows = shard_rows(shard)
+    (summary,) = write_part([rows[3], rows[1]], str(out))
+    assert summary["shard"] == "00000" and summary["rows"] == 2 and summary["total"] is None
+    part = Path(summary["part"])
+    assert part.parent == out / PARTS_DIR / "00000" and part.name.startswith("000000000001-")
+    table = pq.read_table(part)
+    assert table.column("seq").to_pylist() == [1, 3]  # sorted within the part
+    # only the kept sample's image travels to the commit
+    assert [x is not None for x in table.column("image").to_pylist()] == [False, True]
+    (end,) = write_part([shard_end(shard, 4, fault="cut")], str(out))
+    assert end == {"shard": "00000", "part": None, "rows": 0, "total": 4, "fault": "cut"}
+    assert done_shards(str(out)) == set()  # parts are not a finished shard
+
+
+def test_a_block_of_two_shards_gives_a_summary_each(tmp_path):
+    a, b = ref(tmp_path, "a"), ref(tmp_path, "b")
+    summaries = write_part([kept(a, 0, "x"), shard_end(a, 1), kept(b, 5, "y")], str(tmp_path / "out"))
+    assert sorted((s["shard"], s["rows"], s["total"]) for s in summaries) == [("a", 1, 1), ("b", 1, None)]
+
+
+def test_an_incomplete_shard_is_never_committed(tmp_path):
+    out = tmp_path / "out"
+    shard = ref(tmp_path)
+    tracker = ShardTracker(str(out), [shard])
+    assert tracker.add(write_part([shard_rows(shard)[0]], str(out))[0]) is None
+    assert tracker.add(write_part([shard_end(shard, 2)], str(out))[0]) is None
+    with pytest.raises(IncompleteRunError, match=r"'00000': \(1, 2\)"):
+        tracker.close()
+    assert not (out / "samples" / "00000.parquet").exists()
+
+
+def test_commit_refuses_parts_that_miss_rows(tmp_path):
+    out = tmp_path / "out"
+    shard = ref(tmp_path)
+    (summary,) = write_part([shard_rows(shard)[0]], str(out))
+    with pytest.raises(IncompleteRunError, match="1 rows for 2 samples"):
+        commit_shard(str(out), shard, [summary["part"]], total=2)
+    assert not (out / "samples" / "00000.parquet").exists()
+    assert not [f for f in all_files(out) if f.startswith(("samples", "_shards"))]
+
+
+def test_commit_merges_only_the_reported_parts(tmp_path):
+    """A retried block writes a second part for the same rows; only the reported one counts."""
+    out = tmp_path / "out"
+    shard = ref(tmp_path)
+    rows = shard_rows(shard)
+    write_part(rows[:2], str(out))  # the lost attempt's part: on disk, never reported
+    (first,) = write_part(rows[:2], str(out))
+    (second,) = write_part([*rows[2:], shard_end(shard, 4)], str(out))
+    meta = commit_shard(str(out), shard, [second["part"], first["part"]], total=4)
+    assert meta["samples"] == 4 and (meta["kept"], meta["dropped"], meta["error"]) == (2, 1, 1)
+    keys = pq.read_table(out / "samples" / "00000.parquet").column("key").to_pylist()
+    assert keys == ["000000", "000001", "000002", "dir.v1/000003"]
+    assert not (out / PARTS_DIR / "00000").exists()  # every part is gone, the lost one too
+
+
+def test_a_retried_commit_after_success_returns_the_same_meta(tmp_path):
+    out = tmp_path / "out"
+    shard = ref(tmp_path)
+    (summary,) = write_part([*shard_rows(shard), shard_end(shard, 4)], str(out))
+    meta = commit_shard(str(out), shard, [summary["part"]], total=4)
+    before = (out / "samples" / "00000.parquet").read_bytes()
+    assert commit_shard(str(out), shard, [summary["part"]], total=4) == meta
+    assert (out / "samples" / "00000.parquet").read_bytes() == before
+
+
+def test_leftovers_of_a_crashed_run_are_cleared(tmp_path):
+    out = tmp_path / "out"
+    shard = ref(tmp_path)
+    write_part(shard_rows(shard)[:2], str(out))
+    (out / "samples").mkdir(parents=True)
+    (out / "samples" / ".00000.parquet.tmp-1-abc").write_bytes(b"half")
+    clear_leftovers(str(out))
     assert all_files(out) == []
     assert done_shards(str(out)) == set()
-
-
-def test_finish_refuses_an_incomplete_shard(tmp_path):
-    out = tmp_path / "out"
-    RunWriter(str(out), [])
-    fs, root = output_fs(str(out))
-    shard = ref(tmp_path)
-    writer = ShardWriter(fs, root, shard)
-    writer.add(shard_rows(shard)[0])
-    writer.add(shard_end(shard, 2))
-    with pytest.raises(IncompleteRunError, match="1 rows for 2 samples"):
-        writer.finish()
-    writer.abort()
-    assert not (out / "samples" / "00000.parquet").exists()
 
 
 def test_run_writer_close_raises_on_incomplete_shards(tmp_path):

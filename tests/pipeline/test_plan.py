@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parents[2]
 def planned(cfg):
     """The lazy dataset of ``cfg`` over one shard that is never read."""
     start_local_ray()
-    return build_dataset(cfg, [ShardRef(url="unused.tar", name="unused")])
+    return build_dataset(cfg, [ShardRef(url="unused.tar", name="unused")], "unused-output")
 
 
 def plan(cfg) -> str:
