@@ -20,7 +20,6 @@ flight.
 from __future__ import annotations
 
 import contextlib
-import functools
 import hashlib
 import json
 import logging
@@ -53,7 +52,7 @@ from curate.io.writer import (
 from curate.schema import STATUSES
 from curate.stages.decode import decode_batch
 from curate.stages.rows import read_shards_batch
-from curate.stages.write import finish_block
+from curate.stages.write import convert_shards, finish_block
 
 log = logging.getLogger("curate.pipeline")
 
@@ -153,17 +152,20 @@ def build_dataset(cfg: PipelineConfig, shards: list[ShardRef], output: str):
     ds = ray.data.from_items(
         [{"url": s.url, "name": s.name} for s in shards], override_num_blocks=len(shards)
     )
-    decode = functools.partial(decode_batch, cfg=cfg.decode, keep_pixels=bool(cfg.models()))
-    finish = functools.partial(
-        finish_block, policy=cfg.policy, output=output, write_tars=cfg.output.write_shards
-    )
     if not cfg.models():
-        # convert / re-shard: one task per shard reads, checks and writes its blocks, so no
-        # image crosses the object store and the driver sees one operator's events
+        # convert / re-shard: one task per shard reads, checks and writes it, so no image
+        # crosses the object store, no part files or commit tasks, and the driver sees one
+        # operator's events
         return _quiet_driver(
             ds.map_batches(
-                read_shards_batch,
-                fn_kwargs={"batch_size": cfg.read.batch_size, "then": (decode, finish)},
+                convert_shards,
+                fn_kwargs={
+                    "batch_size": cfg.read.batch_size,
+                    "decode": cfg.decode,
+                    "policy": cfg.policy,
+                    "output": output,
+                    "write_tars": cfg.output.write_shards,
+                },
                 batch_size=1,
                 batch_format="pyarrow",
                 num_cpus=cfg.decode.num_cpus,
@@ -181,7 +183,8 @@ def build_dataset(cfg: PipelineConfig, shards: list[ShardRef], output: str):
         compute=ray.data.TaskPoolStrategy(size=cfg.read.concurrency),
     )
     ds = ds.map_batches(
-        decode,
+        decode_batch,
+        fn_kwargs={"cfg": cfg.decode},
         batch_size=None,
         batch_format="pyarrow",
         num_cpus=cfg.decode.num_cpus,
@@ -202,7 +205,13 @@ def build_dataset(cfg: PipelineConfig, shards: list[ShardRef], output: str):
         ds = _map_actor(ds, FilterStage, cfg.filter, rows, error_policy=errors)
     if cfg.ranker is not None and not fused:
         ds = _map_actor(ds, RankStage, cfg.ranker, rows, error_policy=errors)
-    ds = ds.map_batches(finish, batch_size=None, batch_format="pyarrow", num_cpus=0.25)
+    ds = ds.map_batches(
+        finish_block,
+        fn_kwargs={"policy": cfg.policy, "output": output, "write_tars": cfg.output.write_shards},
+        batch_size=None,
+        batch_format="pyarrow",
+        num_cpus=0.25,
+    )
     return _quiet_driver(ds, cfg)
 
 
@@ -419,7 +428,9 @@ def _run_shards(
     for batch in _summary_blocks(ds):
         for summary in batch.to_pylist():
             job = tracker.add(summary)
-            if job is not None:
+            if job is not None and job.meta is not None:  # committed by the task that wrote it
+                finished(job.meta)
+            elif job is not None:
                 commits[commit.remote(**job.kwargs)] = job.name
         harvest(block=False)
     tracker.close()

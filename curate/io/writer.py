@@ -40,7 +40,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from curate.io.files import TarWriter, atomic_open, is_temp, output_fs, write_atomic
+from curate.io.files import AtomicFile, TarWriter, atomic_open, is_temp, output_fs, write_atomic
 from curate.io.reader import ShardRef, sanitize_key
 from curate.schema import (
     ROW_SHARD_END,
@@ -70,6 +70,7 @@ SUMMARY_SCHEMA = pa.schema(
         pa.field("rows", pa.int64()),  # sample rows in the part
         pa.field("total", pa.int64()),  # the shard's sample count, from its shard_end row; else null
         pa.field("fault", pa.string()),  # the shard's read fault, from its shard_end row
+        pa.field("meta", pa.string()),  # JSON: the shard's meta when this block's task committed it
     ]
 )
 
@@ -168,13 +169,8 @@ def _part_dir(root: str, shard: str) -> str:
     return f"{root}/{PARTS_DIR}/{shard}"
 
 
-def write_part(rows: Iterable[dict], output: str, write_tars: bool = True) -> list[dict]:
-    """Write one block's finished rows, a part file per shard; return a summary per shard.
-
-    Runs on a worker. Images are kept in the part only for kept samples, and only when
-    the run writes curated tars.
-    """
-    fs, root = output_fs(output)
+def _split_by_shard(rows: Iterable[dict]) -> tuple[dict[str, list[dict]], dict[str, dict]]:
+    """A block's sample rows by shard (sorted by ``seq``), and its ``shard_end`` rows."""
     by_shard: dict[str, list[dict]] = {}
     ends: dict[str, dict] = {}
     for row in rows:
@@ -183,49 +179,53 @@ def write_part(rows: Iterable[dict], output: str, write_tars: bool = True) -> li
             by_shard.setdefault(row["shard"], [])
         else:
             by_shard.setdefault(row["shard"], []).append(row)
+    for shard_rows in by_shard.values():
+        shard_rows.sort(key=lambda r: r["seq"])
+    return by_shard, ends
+
+
+def part_table(rows: list[dict], write_tars: bool = True) -> pa.Table:
+    """Finished internal rows -> a ``PART_SCHEMA`` table: output columns, ``seq``, and the
+    image bytes of kept samples (only when the run writes curated tars)."""
+    records = []
+    for r in rows:
+        record = output_row(r)
+        record["seq"] = r["seq"]
+        keep_image = write_tars and record["status"] == STATUS_KEPT
+        record["image"] = r.get("image") if keep_image else None
+        records.append(record)
+    return pa.Table.from_pylist(records, schema=PART_SCHEMA)
+
+
+def _summary(shard: str, part: str | None, rows: int, end: dict | None, meta: dict | None = None) -> dict:
+    return {
+        "shard": shard,
+        "part": part,
+        "rows": rows,
+        "total": int(end["shard_total"] or 0) if end is not None else None,
+        "fault": end.get("shard_error") if end is not None else None,
+        "meta": json.dumps(meta) if meta is not None else None,
+    }
+
+
+def write_part(rows: Iterable[dict], output: str, write_tars: bool = True) -> list[dict]:
+    """Write one block's finished rows, a part file per shard; return a summary per shard.
+
+    Runs on a worker.
+    """
+    fs, root = output_fs(output)
+    by_shard, ends = _split_by_shard(rows)
     summaries = []
     for shard, shard_rows in by_shard.items():
         part = None
         if shard_rows:
-            shard_rows.sort(key=lambda r: r["seq"])
-            records = []
-            for r in shard_rows:
-                record = output_row(r)
-                record["seq"] = r["seq"]
-                keep_image = write_tars and record["status"] == STATUS_KEPT
-                record["image"] = r.get("image") if keep_image else None
-                records.append(record)
             directory = _part_dir(root, shard)
             fs.makedirs(directory, exist_ok=True)
             part = f"{directory}/{shard_rows[0]['seq']:012d}-{uuid.uuid4().hex[:12]}.parquet"
-            table = pa.Table.from_pylist(records, schema=PART_SCHEMA)
             with atomic_open(part, fs) as f:
-                pq.write_table(table, f)
-        end = ends.get(shard)
-        summaries.append(
-            {
-                "shard": shard,
-                "part": part,
-                "rows": len(shard_rows),
-                "total": int(end["shard_total"] or 0) if end is not None else None,
-                "fault": end.get("shard_error") if end is not None else None,
-            }
-        )
+                pq.write_table(part_table(shard_rows, write_tars), f)
+        summaries.append(_summary(shard, part, len(shard_rows), ends.get(shard)))
     return summaries
-
-
-def _members_in_order(table: pa.Table, names: set[str]) -> Iterable[tuple[str, bytes]]:
-    """The kept samples' tar members of one part, names made unique within the shard."""
-    kept = table.filter(pc.equal(table.column("status"), STATUS_KEPT))
-    for row in kept.to_pylist():
-        if not row.get("image"):
-            continue
-        members = tar_members(row)
-        if members[0][0] in names:  # two keys sanitised to one name
-            stem = members[0][0].rsplit(".", 1)[0]
-            members = [(f"{stem}_{row['seq']}.{n.split('.', 1)[1]}", d) for n, d in members]
-        names.add(members[0][0])
-        yield from members
 
 
 def read_shard_meta(output: str, shard: str) -> dict | None:
@@ -235,6 +235,79 @@ def read_shard_meta(output: str, shard: str) -> dict | None:
         return None
     with fs.open(path, "rb") as f:
         return json.loads(f.read())
+
+
+class ShardSink:
+    """One shard's final files, written as its rows arrive in ``seq`` order.
+
+    Kept samples stream into the curated tar under a temporary name; the rows (without
+    images) wait in memory for the Parquet, written last by :meth:`commit`. Fed the parts
+    of a shard by :func:`commit_shard`, or a whole shard's blocks by the one task that
+    reads, decodes and writes it (:class:`ShardStreamWriter`).
+    """
+
+    def __init__(self, output: str, shard: ShardRef, write_tar: bool = True) -> None:
+        self.fs, self.root = output_fs(output)
+        self.shard = shard
+        for sub in (SAMPLES_DIR, SHARDS_DIR, SHARD_META_DIR):
+            self.fs.makedirs(f"{self.root}/{sub}", exist_ok=True)
+        self._file = AtomicFile(f"{self.root}/{SHARDS_DIR}/{shard.name}.tar", self.fs) if write_tar else None
+        self._tar = TarWriter(self._file.file) if self._file is not None else None
+        self._tables: list[pa.Table] = []
+        self._names: set[str] = set()
+
+    def add(self, table: pa.Table) -> None:
+        """A ``PART_SCHEMA`` table of this shard's rows, sorted by ``seq``."""
+        if self._tar is not None:
+            kept = table.filter(
+                pc.and_(pc.equal(table.column("status"), STATUS_KEPT), pc.is_valid(table["image"]))
+            )
+            for row in kept.to_pylist():
+                members = tar_members(row)
+                if members[0][0] in self._names:  # two keys sanitised to one name
+                    stem = members[0][0].rsplit(".", 1)[0]
+                    members = [(f"{stem}_{row['seq']}.{n.split('.', 1)[1]}", d) for n, d in members]
+                self._names.add(members[0][0])
+                self._tar.add_all(members)
+        self._tables.append(table.drop_columns(["image"]))
+
+    def commit(self, total: int, fault: str | None = None, started: float | None = None) -> dict:
+        """Check the count, rename the tar, write the meta, then the Parquet (the done marker)."""
+        if self._tables:
+            rows = pa.concat_tables(self._tables).sort_by("seq")
+        else:
+            rows = PART_SCHEMA.empty_table().drop_columns(["image"])
+        if rows.num_rows != total:
+            self.abort()
+            raise IncompleteRunError(
+                f"shard {self.shard.name}: {rows.num_rows} rows for {total} samples read"
+            )
+        if self._tar is not None:
+            self._tar.close()
+            self._file.commit()
+        statuses = Counter(rows.column("status").to_pylist())
+        dropped = pc.equal(rows.column("status"), STATUS_DROPPED)
+        reasons = Counter(rows.filter(dropped).column("reason").to_pylist())
+        meta = {
+            "shard": self.shard.name,
+            "url": self.shard.url,
+            "samples": rows.num_rows,
+            **{s: statuses.get(s, 0) for s in STATUSES},
+            "reasons": dict(reasons),
+            "fault": fault,
+            "wall_s": round(time.time() - started, 3) if started is not None else None,
+        }
+        name = self.shard.name
+        write_atomic(
+            f"{self.root}/{SHARD_META_DIR}/{name}.json", json.dumps(meta, indent=1).encode(), self.fs
+        )
+        with atomic_open(f"{self.root}/{SAMPLES_DIR}/{name}.parquet", self.fs) as f:
+            pq.write_table(rows.drop_columns(["seq"]).cast(SAMPLES_SCHEMA), f, row_group_size=ROW_GROUP_SIZE)
+        return meta
+
+    def abort(self) -> None:
+        if self._file is not None:
+            self._file.abort()
 
 
 def commit_shard(
@@ -252,56 +325,61 @@ def commit_shard(
     time), the rows of every part are sorted by ``seq`` into one Parquet, written last.
     """
     fs, root = output_fs(output)
-    final = f"{root}/{SAMPLES_DIR}/{shard.name}.parquet"
-    if fs.exists(final):  # a retried commit whose first attempt finished
+    if fs.exists(
+        f"{root}/{SAMPLES_DIR}/{shard.name}.parquet"
+    ):  # a retried commit whose first attempt finished
         meta = read_shard_meta(output, shard.name)
         if meta is not None:
             _remove_parts(fs, root, shard.name)
             return meta
-    for sub in (SAMPLES_DIR, SHARDS_DIR, SHARD_META_DIR):
-        fs.makedirs(f"{root}/{sub}", exist_ok=True)
-    parts = sorted(parts, key=lambda p: p.rsplit("/", 1)[-1])  # by first seq
-    tables: list[pa.Table] = []
-
-    def merged_parts() -> Iterable[pa.Table]:
-        for part in parts:
+    sink = ShardSink(output, shard, write_tar)
+    try:
+        for part in sorted(parts, key=lambda p: p.rsplit("/", 1)[-1]):  # by first seq
             with fs.open(part, "rb") as f:
-                table = pq.read_table(f, schema=PART_SCHEMA)
-            yield table
-            tables.append(table.drop_columns(["image"]))
-
-    if write_tar:
-        names: set[str] = set()
-        with atomic_open(f"{root}/{SHARDS_DIR}/{shard.name}.tar", fs) as f, TarWriter(f) as tar:
-            for table in merged_parts():
-                tar.add_all(_members_in_order(table, names))
-    else:
-        for _ in merged_parts():
-            pass
-    if tables:
-        rows = pa.concat_tables(tables).sort_by("seq")
-    else:
-        rows = PART_SCHEMA.empty_table().drop_columns(["image"])
-    if rows.num_rows != total:
-        raise IncompleteRunError(f"shard {shard.name}: {rows.num_rows} rows for {total} samples read")
-    statuses = Counter(rows.column("status").to_pylist())
-    dropped = pc.equal(rows.column("status"), STATUS_DROPPED)
-    reasons = Counter(rows.filter(dropped).column("reason").to_pylist())
-    meta = {
-        "shard": shard.name,
-        "url": shard.url,
-        "samples": rows.num_rows,
-        **{s: statuses.get(s, 0) for s in STATUSES},
-        "reasons": dict(reasons),
-        "fault": fault,
-        "wall_s": round(time.time() - started, 3) if started is not None else None,
-    }
-    write_atomic(f"{root}/{SHARD_META_DIR}/{shard.name}.json", json.dumps(meta, indent=1).encode(), fs)
-    table = rows.drop_columns(["seq"]).cast(SAMPLES_SCHEMA)
-    with atomic_open(final, fs) as f:
-        pq.write_table(table, f, row_group_size=ROW_GROUP_SIZE)
+                sink.add(pq.read_table(f, schema=PART_SCHEMA))
+    except BaseException:
+        sink.abort()
+        raise
+    meta = sink.commit(total, fault, started)
     _remove_parts(fs, root, shard.name)
     return meta
+
+
+class ShardStreamWriter:
+    """The write step of a task that holds whole shards in order (read, decode and write in
+    one task, as a pipeline without models runs): each shard's final files are written
+    as its blocks pass, with no part files and no commit task. The summary of a shard's
+    last block carries its meta, so the driver only counts it as done."""
+
+    def __init__(self, output: str, write_tars: bool = True) -> None:
+        self.output = output
+        self.write_tars = write_tars
+        self._sinks: dict[str, tuple[ShardSink, float]] = {}
+
+    def __call__(self, rows: Iterable[dict], url: str) -> list[dict]:
+        by_shard, ends = _split_by_shard(rows)
+        summaries = []
+        for shard, shard_rows in by_shard.items():
+            if shard not in self._sinks:
+                self._sinks[shard] = (
+                    ShardSink(self.output, ShardRef(url=url, name=shard), self.write_tars),
+                    time.time(),
+                )
+            sink, started = self._sinks[shard]
+            if shard_rows:
+                sink.add(part_table(shard_rows, self.write_tars))
+            end = ends.get(shard)
+            meta = None
+            if end is not None:
+                del self._sinks[shard]
+                meta = sink.commit(int(end["shard_total"] or 0), end.get("shard_error"), started)
+            summaries.append(_summary(shard, None, len(shard_rows), end, meta))
+        return summaries
+
+    def abort(self) -> None:
+        for sink, _ in self._sinks.values():
+            sink.abort()
+        self._sinks.clear()
 
 
 def _remove_parts(fs: fsspec.AbstractFileSystem, root: str, shard: str) -> None:
@@ -326,10 +404,12 @@ def clear_leftovers(output: str) -> None:
 
 @dataclass
 class CommitJob:
-    """A complete shard, ready for :func:`commit_shard` (its keyword arguments in ``kwargs``)."""
+    """A complete shard: :func:`commit_shard`'s keyword arguments in ``kwargs``, or, for a
+    shard its task already committed, its ``meta``."""
 
     name: str
     kwargs: dict
+    meta: dict | None = None
 
 
 @dataclass
@@ -368,6 +448,7 @@ class ShardTracker:
             pending = self.open[name] = _Pending(self.refs[name])
             self._seen.add(name)
         pending.received += int(summary["rows"])
+        meta = json.loads(summary["meta"]) if summary.get("meta") else None
         if summary.get("part"):
             pending.parts.append(summary["part"])
         if summary.get("total") is not None:
@@ -381,6 +462,8 @@ class ShardTracker:
             )
         del self.open[name]
         self.committed += 1
+        if meta is not None:
+            return CommitJob(name, {}, meta)
         return CommitJob(
             name,
             {
@@ -424,7 +507,7 @@ class RunWriter:
         for summary in write_part(rows, self.output, self.write_tars):
             job = self.tracker.add(summary)
             if job is not None:
-                meta = commit_shard(**job.kwargs)
+                meta = job.meta or commit_shard(**job.kwargs)
                 self.finished[job.name] = meta
                 done.append(meta)
         return done

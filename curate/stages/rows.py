@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator
 from typing import Any
 
 import pyarrow as pa
@@ -49,20 +49,22 @@ def fail(row: dict, message: str) -> None:
     row["image"] = None
 
 
-def read_shards_batch(
-    batch: pa.Table, batch_size: int, then: Sequence[Callable[[pa.Table], pa.Table]] = ()
-) -> Iterator[pa.Table]:
-    """Ray Data entry point: one row per shard in, a stream of row batches out, each
-    passed through ``then`` (later stages run in the same task) before it leaves.
+def shard_refs_of(batch: pa.Table) -> Iterator[Any]:
+    """The ``ShardRef`` of each row of a Ray Data batch of shards (columns url, name)."""
+    from curate.io.reader import ShardRef
+
+    for url, name in zip(batch.column("url").to_pylist(), batch.column("name").to_pylist()):
+        yield ShardRef(url=url, name=name)
+
+
+def read_shards_batch(batch: pa.Table, batch_size: int) -> Iterator[pa.Table]:
+    """Ray Data entry point: one row per shard in, a stream of row batches out.
 
     It lives in a module without torch, as do decode and policy: a CPU task worker
     then holds pyarrow and Pillow only, not a model library's few hundred MB.
     """
-    from curate.io.reader import ShardRef, read_shard
+    from curate.io.reader import read_shard
 
-    for url, name in zip(batch.column("url").to_pylist(), batch.column("name").to_pylist()):
-        for rows in read_shard(ShardRef(url=url, name=name), batch_size=batch_size):
-            table = to_table(rows)
-            for stage in then:
-                table = stage(table)
-            yield table
+    for shard in shard_refs_of(batch):
+        for rows in read_shard(shard, batch_size=batch_size):
+            yield to_table(rows)

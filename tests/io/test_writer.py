@@ -16,6 +16,7 @@ from curate.io.writer import (
     PARTS_DIR,
     IncompleteRunError,
     RunWriter,
+    ShardStreamWriter,
     ShardTracker,
     clear_leftovers,
     commit_shard,
@@ -265,7 +266,7 @@ def test_a_block_becomes_a_part_and_a_summary(tmp_path):
     # only the kept sample's image travels to the commit
     assert [x is not None for x in table.column("image").to_pylist()] == [False, True]
     (end,) = write_part([shard_end(shard, 4, fault="cut")], str(out))
-    assert end == {"shard": "00000", "part": None, "rows": 0, "total": 4, "fault": "cut"}
+    assert end == {"shard": "00000", "part": None, "rows": 0, "total": 4, "fault": "cut", "meta": None}
     assert done_shards(str(out)) == set()  # parts are not a finished shard
 
 
@@ -397,3 +398,27 @@ def test_duckdb_list_lambda_over_candidates(two_shards):
         """
     ).fetchall()[0][0]
     assert best == pytest.approx(0.33)
+
+
+def test_a_task_that_holds_whole_shards_writes_them_without_parts(tmp_path):
+    """Read, decode and write in one task (a pipeline without models): no parts, no commit task."""
+    out = tmp_path / "out"
+    a, b = ref(tmp_path, "a"), ref(tmp_path, "b")
+    writer = ShardStreamWriter(str(out))
+    (first,) = writer([kept(a, 1, "y"), kept(a, 0, "x")], a.url)
+    assert first["meta"] is None and first["rows"] == 2
+    assert done_shards(str(out)) == set()  # nothing final before the shard's end
+    (last,) = writer([dropped(a, 2, "z"), shard_end(a, 3)], a.url)
+    meta = json.loads(last["meta"])
+    assert (meta["samples"], meta["kept"], meta["dropped"]) == (3, 2, 1)
+    assert pq.read_table(out / "samples" / "a.parquet").column("key").to_pylist() == ["x", "y", "z"]
+    assert [s["__key__"] for s in wds.WebDataset(str(out / "shards" / "a.tar"), shardshuffle=False)] == [
+        "x",
+        "y",
+    ]
+    tracker = ShardTracker(str(out), [a, b])
+    assert tracker.add(first) is None
+    assert tracker.add(last).meta == meta  # done: no commit to start
+    writer([kept(b, 0, "q")], b.url)
+    writer.abort()  # the task failed mid-shard: b leaves nothing behind
+    assert all_files(out) == ["_shards/a.json", "samples/a.parquet", "shards/a.tar"]
