@@ -32,7 +32,6 @@ import os
 import platform
 import subprocess
 import sys
-import tarfile
 import tempfile
 import threading
 import time
@@ -68,6 +67,15 @@ class Figures:
     gpu_util_model_only_pct: float = 0.0  # mean over the model-only loop
     gpu_util_pipeline_pct: float = 0.0  # mean over the 10N run (start-up included)
     gpu_mem_peak_mb: float = 0.0  # peak over all GPUs during the 10N run
+    # the framework alone: pipelines/convert.yaml (read, decode, policy, write; no models)
+    framework_samples: int = 0  # its N
+    framework_n_wall_s: float = 0.0
+    framework_10n_wall_s: float = 0.0
+    framework_steady_sps: float = 0.0
+    driver_cpu_n_s: float = 0.0  # the driver process's CPU over the N run
+    driver_cpu_10n_s: float = 0.0
+    driver_rss_n_mb: float = 0.0  # the driver process's peak RSS
+    driver_rss_10n_mb: float = 0.0
     machine: dict = field(default_factory=dict)
     failed: list[str] = field(default_factory=list)  # parts that raised; their figures stay 0
 
@@ -95,6 +103,21 @@ class Figures:
         return self._ratio(self.pipeline_steady_sps, self.gpus)
 
     @property
+    def driver_ms_per_sample(self) -> float:
+        """Marginal driver CPU per sample, N -> 10N: what each further sample costs the driver."""
+        extra = 9 * self.framework_samples
+        return self._ratio(1000 * (self.driver_cpu_10n_s - self.driver_cpu_n_s), extra)
+
+    @property
+    def driver_ceiling_sps(self) -> float:
+        """The samples/s one driver core could serve at that cost, however big the cluster."""
+        return self._ratio(1000.0, self.driver_ms_per_sample)
+
+    @property
+    def driver_rss_ratio(self) -> float:
+        return self._ratio(self.driver_rss_10n_mb, self.driver_rss_n_mb)
+
+    @property
     def memory_ratio(self) -> float:
         return self._ratio(self.pss_10n_mb, self.pss_n_mb)
 
@@ -103,8 +126,25 @@ class Figures:
         return self._ratio(self.rss_10n_mb, self.rss_n_mb)
 
 
-def make_input(sources: list[str], n: int, directory: Path, per_shard: int) -> list[Path]:
-    """Copy the first ``n`` samples of ``sources`` into shards of ``per_shard`` (repeating if short)."""
+def _thumbnail(files: dict[str, bytes], side: int) -> dict[str, bytes]:
+    """The sample with its image re-encoded as a JPEG of at most ``side`` px."""
+    from PIL import Image
+
+    ext = next(e for e in ("jpg", "jpeg", "png", "webp") if e in files)
+    img = Image.open(io.BytesIO(files[ext])).convert("RGB")
+    img.thumbnail((side, side))
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=85)
+    rest = {e: d for e, d in files.items() if e not in ("jpg", "jpeg", "png", "webp")}
+    return {"jpg": buf.getvalue(), **rest}
+
+
+def make_input(
+    sources: list[str], n: int, directory: Path, per_shard: int, image_side: int = 0
+) -> list[Path]:
+    """Copy the first ``n`` samples of ``sources`` into shards of ``per_shard`` (repeating if short);
+    ``image_side`` > 0 shrinks each image to a JPEG of that size first."""
+    from curate.io.files import write_tar
     from curate.io.reader import expand_inputs, iter_tar_groups
 
     groups = []
@@ -112,7 +152,7 @@ def make_input(sources: list[str], n: int, directory: Path, per_shard: int) -> l
         with open(url, "rb") as f:
             for key, files, problems in iter_tar_groups(f):
                 if not problems and any(e in files for e in ("jpg", "jpeg", "png", "webp")):
-                    groups.append((key, files))
+                    groups.append((key, _thumbnail(files, image_side) if image_side else files))
                 if len(groups) >= n:
                     break
         if len(groups) >= n:
@@ -123,14 +163,12 @@ def make_input(sources: list[str], n: int, directory: Path, per_shard: int) -> l
     paths = []
     for s in range(0, n, per_shard):
         path = directory / f"{s // per_shard:05d}.tar"
-        with tarfile.open(path, "w") as tar:
-            for i in range(s, min(n, s + per_shard)):
-                key, files = groups[i % len(groups)]
-                for ext, data in files.items():
-                    info = tarfile.TarInfo(f"b{i:07d}.{ext}")
-                    info.size = len(data)
-                    tar.addfile(info, io.BytesIO(data))
-        paths.append(path)
+        members = (
+            (f"b{i:07d}.{ext}", data)
+            for i in range(s, min(n, s + per_shard))
+            for ext, data in groups[i % len(groups)][1].items()
+        )
+        paths.append(Path(write_tar(path, members)))
     return paths
 
 
@@ -304,6 +342,8 @@ class MemorySampler(_Sampler):
         self.peak_rss = 0
         self.peak_at: list[tuple[str, int]] = []  # (process, PSS) at the PSS peak
         self._last_pss = 0.0
+        self.root_cpu_s = 0.0  # the root process's own CPU (user + system), last seen
+        self.root_peak_rss = 0
 
     def _tree(self) -> list[psutil.Process]:
         try:
@@ -322,6 +362,10 @@ class MemorySampler(_Sampler):
             self.peak_pss, self.peak_at = pss, parts
 
     def _sample(self) -> None:
+        with contextlib.suppress(psutil.Error):
+            times = self.root.cpu_times()
+            self.root_cpu_s = times.user + times.system
+            self.root_peak_rss = max(self.root_peak_rss, self.root.memory_info().rss)
         rss = 0
         for p in self._tree():
             with contextlib.suppress(psutil.Error):
@@ -368,7 +412,22 @@ class GpuSampler(_Sampler):
         self.peak_mem = max(self.peak_mem, mem)
 
 
-def pipeline_run(pipeline: str, overrides: list[str], inputs: list[Path], out: Path, num_cpus: int | None):
+@dataclass
+class Run:
+    """One `curate run` of the bench: what it did, how long, and what it held."""
+
+    wall_s: float
+    samples: int
+    pss_mb: float  # peak summed PSS of the process tree
+    rss_mb: float  # peak summed RSS of the process tree
+    driver_cpu_s: float  # the driver process's own CPU time (its threads, not Ray's processes)
+    driver_rss_mb: float  # the driver process's peak RSS
+    gpu: GpuSampler
+
+
+def pipeline_run(
+    pipeline: str, overrides: list[str], inputs: list[Path], out: Path, num_cpus: int | None
+) -> Run:
     """`curate run` in a subprocess (its own embedded Ray), timed, with the tree's peak memory."""
     cmd = [sys.executable, "-m", "curate", "run", pipeline, "--output", str(out), "--quiet", "--overwrite"]
     for p in inputs:
@@ -398,21 +457,28 @@ def pipeline_run(pipeline: str, overrides: list[str], inputs: list[Path], out: P
     if gpu.handles:
         peak = gpu.peak_mem / 2**20
         print(f"bench: GPU utilisation {gpu.mean_util:.0f}%, peak memory {peak:.0f} MB", file=sys.stderr)
-    return wall, mem.peak_pss / 2**20, mem.peak_rss / 2**20, manifest["counts"]["total"], gpu
+    return Run(
+        wall_s=wall,
+        samples=manifest["counts"]["total"],
+        pss_mb=mem.peak_pss / 2**20,
+        rss_mb=mem.peak_rss / 2**20,
+        driver_cpu_s=mem.root_cpu_s,
+        driver_rss_mb=mem.root_peak_rss / 2**20,
+        gpu=gpu,
+    )
 
 
 def measure_pipeline(figs: Figures, args, cfg, overrides: list[str], small, big, work: Path) -> None:
     """The pipeline on N and 10N samples: end-to-end and steady samples/s, peak memory, GPU use."""
     n = figs.samples
     print(f"bench: pipeline {cfg.name} on {n} and {10 * n} samples", file=sys.stderr)
-    wall, figs.pss_n_mb, figs.rss_n_mb, done_n, _ = pipeline_run(
-        args.pipeline, overrides, small, work / "out-n", args.num_cpus
-    )
-    figs.pipeline_n_wall_s, figs.pipeline_n_sps = wall, done_n / wall
-    wall, figs.pss_10n_mb, figs.rss_10n_mb, done_10n, gpu = pipeline_run(
-        args.pipeline, overrides, big, work / "out-10n", args.num_cpus
-    )
-    figs.pipeline_10n_wall_s, figs.pipeline_10n_sps = wall, done_10n / wall
+    small_run = pipeline_run(args.pipeline, overrides, small, work / "out-n", args.num_cpus)
+    figs.pss_n_mb, figs.rss_n_mb, done_n = small_run.pss_mb, small_run.rss_mb, small_run.samples
+    figs.pipeline_n_wall_s, figs.pipeline_n_sps = small_run.wall_s, done_n / small_run.wall_s
+    big_run = pipeline_run(args.pipeline, overrides, big, work / "out-10n", args.num_cpus)
+    figs.pss_10n_mb, figs.rss_10n_mb, done_10n = big_run.pss_mb, big_run.rss_mb, big_run.samples
+    figs.pipeline_10n_wall_s, figs.pipeline_10n_sps = big_run.wall_s, done_10n / big_run.wall_s
+    gpu = big_run.gpu
     figs.gpus, figs.gpu_util_pipeline_pct = len(gpu.handles), gpu.mean_util
     figs.gpu_mem_peak_mb = gpu.peak_mem / 2**20
     # the same fixed cost (Ray start, actor and model loading) is in both runs
@@ -421,6 +487,33 @@ def measure_pipeline(figs: Figures, args, cfg, overrides: list[str], small, big,
     print(
         f"bench: pipeline {done_n} samples in {figs.pipeline_n_wall_s:.1f}s, {done_10n} in "
         f"{figs.pipeline_10n_wall_s:.1f}s; steady {figs.pipeline_steady_sps:.2f} samples/s",
+        file=sys.stderr,
+    )
+
+
+def measure_framework(figs: Figures, args, work: Path) -> None:
+    """The no-model pipeline on N and 10N samples: the framework's throughput and the driver's cost."""
+    n = args.framework_samples
+    figs.framework_samples = n
+    side = args.framework_image_side
+    small = make_input(args.input, n, work / "fw-n", args.framework_per_shard, side)
+    big = make_input(args.input, 10 * n, work / "fw-10n", args.framework_per_shard, side)
+    pipeline = str(REPO / "pipelines" / "convert.yaml")
+    print(f"bench: framework ({pipeline}) on {n} and {10 * n} samples", file=sys.stderr)
+    small_run = pipeline_run(pipeline, [], small, work / "fw-out-n", args.num_cpus)
+    big_run = pipeline_run(pipeline, [], big, work / "fw-out-10n", args.num_cpus)
+    figs.framework_n_wall_s, figs.framework_10n_wall_s = small_run.wall_s, big_run.wall_s
+    if big_run.wall_s > small_run.wall_s:
+        figs.framework_steady_sps = (big_run.samples - small_run.samples) / (
+            big_run.wall_s - small_run.wall_s
+        )
+    figs.driver_cpu_n_s, figs.driver_cpu_10n_s = small_run.driver_cpu_s, big_run.driver_cpu_s
+    figs.driver_rss_n_mb, figs.driver_rss_10n_mb = small_run.driver_rss_mb, big_run.driver_rss_mb
+    print(
+        f"bench: framework {small_run.samples} samples in {small_run.wall_s:.1f}s "
+        f"(driver {small_run.driver_cpu_s:.2f} s CPU, {small_run.driver_rss_mb:.0f} MB), "
+        f"{big_run.samples} in {big_run.wall_s:.1f}s (driver {big_run.driver_cpu_s:.2f} s CPU, "
+        f"{big_run.driver_rss_mb:.0f} MB); steady {figs.framework_steady_sps:.1f} samples/s",
         file=sys.stderr,
     )
 
@@ -475,11 +568,23 @@ def main() -> int:
     ap.add_argument("--naive-samples", type=int, default=16, help="samples for the slow naive script")
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="pipeline override")
     ap.add_argument("--num-cpus", type=int, default=None, help="logical CPUs of the embedded Ray")
+    ap.add_argument(
+        "--framework-samples", type=int, default=2000, help="N of the framework part (no-model pipeline)"
+    )
+    ap.add_argument("--framework-per-shard", type=int, default=1000, help="samples per framework shard")
+    ap.add_argument(
+        "--framework-image-side",
+        type=int,
+        default=0,
+        help="re-encode the framework part's images as JPEGs of this many px (0: as they are); "
+        "small images make the workers fast, so the driver's cost per sample shows at a high rate",
+    )
     ap.add_argument("--json", default="bench/results.json", help="where to write the figures")
     ap.add_argument(
         "--parts",
-        default="pipeline,model,naive",
-        help="what to measure, comma-separated (pipeline, model, naive); tuning runs need only pipeline",
+        default="framework,pipeline,model,naive",
+        help="what to measure, comma-separated (framework, pipeline, model, naive); "
+        "tuning runs need only pipeline",
     )
     args = ap.parse_args()
 
@@ -509,6 +614,7 @@ def main() -> int:
     small = make_input(args.input, n, work / "n", args.per_shard)
     big = make_input(args.input, 10 * n, work / "10n", args.per_shard)
     parts = {
+        "framework": lambda: measure_framework(figs, args, work),
         "pipeline": lambda: measure_pipeline(figs, args, cfg, overrides, small, big, work),
         "model": lambda: measure_model_only(figs, args, cfg, overrides, big),
         "naive": lambda: measure_naive(figs, args, cfg, big, work),
@@ -526,7 +632,23 @@ def main() -> int:
             figs.failed.append(name)
             print(f"bench: {name} failed:\n{traceback.format_exc()}", file=sys.stderr)
 
+    fw = figs.framework_samples
     rows = [
+        (
+            "framework (no models) N / 10N",
+            f"{fw} in {figs.framework_n_wall_s:.1f} s / {10 * fw} in {figs.framework_10n_wall_s:.1f} s; "
+            f"steady {figs.framework_steady_sps:.1f} samples/s",
+        ),
+        (
+            "driver CPU per 1,000 samples",
+            f"{1000 * figs.driver_ms_per_sample:.1f} ms marginal ({figs.driver_cpu_n_s:.2f} s at N, "
+            f"{figs.driver_cpu_10n_s:.2f} s at 10N): ceiling {figs.driver_ceiling_sps:,.0f} samples/s",
+        ),
+        (
+            "driver peak RSS N / 10N",
+            f"{figs.driver_rss_n_mb:.0f} MB / {figs.driver_rss_10n_mb:.0f} MB "
+            f"(ratio {figs.driver_rss_ratio:.2f})",
+        ),
         (
             "model-only ceiling",
             f"{figs.model_only_sps:.2f} samples/s ({figs.model_only_samples} samples; 1 process: "
@@ -588,6 +710,9 @@ def main() -> int:
         "memory_ratio": figs.memory_ratio,
         "rss_ratio": figs.rss_ratio,
         "steady_sps_per_gpu": figs.steady_sps_per_gpu,
+        "driver_ms_per_sample": figs.driver_ms_per_sample,
+        "driver_ceiling_sps": figs.driver_ceiling_sps,
+        "driver_rss_ratio": figs.driver_rss_ratio,
         "pipeline": cfg.to_dict(),
     }
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
