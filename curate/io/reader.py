@@ -20,6 +20,7 @@ import json
 import os
 import re
 import tarfile
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +37,7 @@ from curate.schema import (
 )
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
+SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 TEXT_EXT = "txt"
 JSON_EXT = "json"
 # columns that make a Parquet beside a tar img2dataset's download log
@@ -80,15 +82,69 @@ def _has_glob(path: str) -> bool:
     return any(ch in path for ch in "*?[")
 
 
-def expand_inputs(specs: str | list[str]) -> list[str]:
-    """Resolve input specs to a sorted, de-duplicated list of tar URLs.
+def is_shard_name(name: str) -> bool:
+    """A WebDataset shard by its name: a tar, plain or gzipped (webdataset reads all three)."""
+    return name.lower().endswith(SHARD_SUFFIXES)
+
+
+def shard_stem(name: str) -> str:
+    """``00000.tar`` / ``00000.tar.gz`` / ``00000.tgz`` -> ``00000``."""
+    lower = name.lower()
+    for suffix in SHARD_SUFFIXES:
+        if lower.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+@dataclass
+class Inputs:
+    """Resolved input shards, and what a directory or pattern matched that is not a shard."""
+
+    urls: list[str]
+    # files matched by a directory or glob but skipped, counted by their kind ('.parquet', ...)
+    skipped: dict[str, int]
+
+    def skipped_note(self) -> str | None:
+        if not self.skipped:
+            return None
+        kinds = ", ".join(f"{n} {kind}" for kind, n in sorted(self.skipped.items()))
+        total = sum(self.skipped.values())
+        return (
+            f"skipped {total} matched file(s) that are not shards ({kinds}): shards end in "
+            f"{', '.join(SHARD_SUFFIXES)}; img2dataset's .parquet beside a tar is read with it"
+        )
+
+
+def _kind(name: str) -> str:
+    base = name.rstrip("/").rsplit("/", 1)[-1]
+    if base.endswith("_stats.json"):
+        return "_stats.json"
+    return "." + base.rsplit(".", 1)[-1].lower() if "." in base else "(no extension)"
+
+
+def _keep_shards(paths: list[str], skipped: Counter) -> list[str]:
+    shards = []
+    for p in paths:
+        if is_shard_name(p):
+            shards.append(p)
+        else:
+            skipped[_kind(p)] += 1
+    return shards
+
+
+def resolve_inputs(specs: str | list[str]) -> Inputs:
+    """Resolve input specs to a sorted, de-duplicated list of shard URLs.
 
     Local paths that do not exist raise InputError naming them, before any work starts;
-    remote URLs are checked when read.
+    remote URLs are checked when read. A directory or glob takes the shards it matches
+    (``.tar``, ``.tar.gz``, ``.tgz``) and counts the other files it skipped; a file named
+    explicitly is taken whatever its name.
     """
     if isinstance(specs, str):
         specs = [specs]
     urls: list[str] = []
+    skipped: Counter = Counter()
+    wanted = "no shard (" + ", ".join(SHARD_SUFFIXES) + ")"
     for spec in specs:
         for item in expand_braces(spec):
             protocol = fsspec.core.split_protocol(item)[0]
@@ -98,14 +154,15 @@ def expand_inputs(specs: str | list[str]) -> list[str]:
                 path = os.path.expanduser(path)
                 if _has_glob(path):
                     found = sorted(str(p) for p in Path("/").glob(os.path.abspath(path).lstrip("/")))
-                    found = [p for p in found if os.path.isfile(p) and p.endswith(".tar")]
+                    found = _keep_shards([p for p in found if os.path.isfile(p)], skipped)
                     if not found:
-                        raise InputError(f"input pattern matches no .tar file: {item}")
+                        raise InputError(f"input pattern matches {wanted}: {item}")
                     urls.extend(found)
                 elif os.path.isdir(path):
-                    found = sorted(str(p) for p in Path(path).glob("*.tar"))
+                    found = sorted(str(p) for p in Path(path).iterdir() if p.is_file())
+                    found = _keep_shards(found, skipped)
                     if not found:
-                        raise InputError(f"input directory has no .tar file: {item}")
+                        raise InputError(f"input directory has {wanted}: {item}")
                     urls.extend(found)
                 elif os.path.isfile(path):
                     urls.append(os.path.abspath(path))
@@ -113,21 +170,27 @@ def expand_inputs(specs: str | list[str]) -> list[str]:
                     raise InputError(f"input not found: {item}")
             elif _has_glob(item):
                 fs, _, paths = fsspec.get_fs_token_paths(item)
-                if not paths:
-                    raise InputError(f"input pattern matches nothing: {item}")
-                urls.extend(fs.unstrip_protocol(p) for p in sorted(paths))
+                found = _keep_shards(sorted(paths), skipped)
+                if not found:
+                    raise InputError(f"input pattern matches {wanted}: {item}")
+                urls.extend(fs.unstrip_protocol(p) for p in found)
             else:
                 urls.append(item)
     seen: set[str] = set()
     unique = [u for u in urls if not (u in seen or seen.add(u))]
     if not unique:
         raise InputError("no input shards given")
-    return unique
+    return Inputs(unique, dict(skipped))
+
+
+def expand_inputs(specs: str | list[str]) -> list[str]:
+    """The shard URLs of :func:`resolve_inputs`."""
+    return resolve_inputs(specs).urls
 
 
 def shard_refs(urls: list[str]) -> list[ShardRef]:
     """Name each shard by its file stem; stems that collide get a short hash of the URL."""
-    stems = [_sanitize(Path(u.rstrip("/")).name.removesuffix(".tar")) or "shard" for u in urls]
+    stems = [_sanitize(shard_stem(Path(u.rstrip("/")).name)) or "shard" for u in urls]
     counts: dict[str, int] = {}
     for s in stems:
         counts[s] = counts.get(s, 0) + 1

@@ -16,6 +16,7 @@ from curate.io.reader import (
     expand_inputs,
     iter_shard_rows,
     read_shard,
+    resolve_inputs,
     sanitize_key,
     shard_refs,
     split_member_name,
@@ -91,7 +92,7 @@ def test_expand_inputs_globs(tmp_path):
         str(tmp_path / "b.tar"),
         str(tmp_path / "sub" / "d.tar"),
     ]
-    with pytest.raises(InputError, match=r"matches no \.tar"):
+    with pytest.raises(InputError, match=r"matches no shard \(\.tar, \.tar\.gz, \.tgz\)"):
         expand_inputs(str(tmp_path / "*.zip"))
 
 
@@ -103,8 +104,36 @@ def test_expand_inputs_directory(tmp_path):
         str(tmp_path / "d" / "2.tar"),
     ]
     (tmp_path / "empty").mkdir()
-    with pytest.raises(InputError, match=r"no \.tar file"):
+    with pytest.raises(InputError, match=r"has no shard"):
         expand_inputs(str(tmp_path / "empty"))
+
+
+def test_gzipped_shards_are_taken_by_directories_and_globs_and_the_rest_is_counted(tmp_path):
+    import gzip
+
+    plain = make_shard(
+        tmp_path / "src" / "plain.tar", [{"key": "k0", "image": image_bytes(8, 8), "txt": "t"}]
+    )
+    d = tmp_path / "d"
+    d.mkdir()
+    (d / "00000.tar").write_bytes(plain.read_bytes())
+    (d / "00001.tar.gz").write_bytes(gzip.compress(plain.read_bytes()))
+    (d / "00002.tgz").write_bytes(gzip.compress(plain.read_bytes()))
+    for name in ("99999.parquet", "99999_stats.json", "notes.txt"):  # sidecars of no shard here
+        touch(d / name)
+    want = [str(d / n) for n in ("00000.tar", "00001.tar.gz", "00002.tgz")]
+    for spec in (str(d), str(d / "*")):
+        found = resolve_inputs(spec)
+        assert found.urls == want
+        assert found.skipped == {".parquet": 1, "_stats.json": 1, ".txt": 1}
+        assert "skipped 3 matched file(s) that are not shards" in found.skipped_note()
+    assert expand_inputs(str(d / "*.tgz")) == [str(d / "00002.tgz")]
+    assert resolve_inputs(str(d / "*.tar")).skipped_note() is None
+    # a name without its shard suffix, and every sample read through the gzip layer
+    assert [r.name for r in shard_refs(want)] == ["00000", "00001", "00002"]
+    for ref in shard_refs(want):
+        (row,), end = read_all(ref.url)
+        assert row["key"] == "k0" and row["status"] == "pending" and end["shard_error"] is None
 
 
 def test_expand_inputs_relative_path_becomes_absolute(tmp_path, monkeypatch):
