@@ -1,7 +1,8 @@
 """``curate data fetch NAME --output DIR``: real image/alt-text data from Debian packages.
 
-Argument parsing only; the work is in :mod:`curate.data.fetch` (imported lazily so
-``curate --help`` stays fast).
+Argument parsing only: the flags become a :class:`curate.data.fetch.FetchOptions`; the
+work is in :mod:`curate.data` (imported lazily so ``curate --help`` stays fast). The
+defaults below repeat ``FetchOptions``'s for the help text; a test keeps them equal.
 """
 
 from __future__ import annotations
@@ -94,8 +95,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_fetch(args: argparse.Namespace) -> int:
-    """Run a fetch; exit 2 for usage errors (unknown dataset, missing source), 1 for fetch failures."""
-    from curate.data.fetch import DATASETS, FetchError, fetch_dataset
+    """Run a fetch; exit 2 for usage errors (unknown dataset, missing source, bad option), 1 if it fails."""
+    from curate.data.fetch import DATASETS, FetchError, FetchOptions, OptionError, fetch_dataset
 
     if args.name not in DATASETS:
         known = "\n".join(f"  {n}: {DATASET_HELP.get(n, DATASETS[n].description)}" for n in DATASETS)
@@ -105,8 +106,18 @@ def run_fetch(args: argparse.Namespace) -> int:
         if not source.is_dir():
             print(f"curate data fetch: --source directory does not exist: {source}", file=sys.stderr)
             return 2
-    if args.shard_size < 1:
-        print(f"curate data fetch: --shard-size must be >= 1, got {args.shard_size}", file=sys.stderr)
+    try:
+        options = FetchOptions(
+            shard_size=args.shard_size,
+            max_side=args.max_side,
+            limit=args.limit,
+            rasterize_svg=args.rasterize_svg,
+            max_pixels=args.max_pixels,
+            workers=args.workers,
+            force=args.force,
+        )
+    except OptionError as exc:
+        print(f"curate data fetch: --{exc.option.replace('_', '-')} {exc.message}", file=sys.stderr)
         return 2
 
     def progress(done: int, total: int) -> None:
@@ -118,16 +129,10 @@ def run_fetch(args: argparse.Namespace) -> int:
         report = fetch_dataset(
             args.name,
             args.output,
+            options,
             sources=args.source,
             cache=args.cache,
-            shard_size=args.shard_size,
-            max_side=args.max_side,
-            limit=args.limit,
-            rasterize_svg=args.rasterize_svg,
-            max_pixels=args.max_pixels,
             progress=None if args.quiet else progress,
-            workers=args.workers,
-            force=args.force,
         )
     except FetchError as exc:
         print(f"curate data fetch: {exc}", file=sys.stderr)
