@@ -18,6 +18,7 @@ import logging
 import math
 import os
 import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -30,6 +31,7 @@ import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 
 from curate.config import URL_LIST_FORMATS, IngestConfig
+from curate.progress import Progress
 
 log = logging.getLogger("curate.ingest")
 
@@ -307,17 +309,58 @@ def _ensure_ray(address: str | None) -> None:
         ray.init(address=address, runtime_env={"env_vars": QUIET_ENV}, log_to_driver=True)
 
 
-def run_ingest(plan: IngestPlan, ray_address: str | None = None) -> IngestResult:
-    """Download what the plan has left, then sum the shards' stats into an IngestResult."""
+@contextlib.contextmanager
+def _watch(plan: IngestPlan, progress: Progress | None, period_s: float = 2.0) -> Iterator[None]:
+    """Report the shards img2dataset finishes (their ``_stats.json``) while it runs."""
+    if progress is None:
+        yield
+        return
+    stop = threading.Event()
+    seen: set[int] = set()
+
+    def poll() -> None:
+        for shard, stats in sorted(_read_stats(plan.output).items()):
+            if shard in seen or shard not in set(plan.expected):
+                continue
+            seen.add(shard)
+            ok = int(stats.get("successes", 0))
+            count = int(stats.get("count", 0))
+            progress.update(count, {"downloaded": ok, "failed": count - ok})
+            progress.note(f"  shard {shard:0{SHARD_DIGITS}d}: {ok} of {count} URLs downloaded")
+
+    def loop() -> None:
+        while not stop.wait(period_s):
+            poll()
+
+    poll()  # shards an earlier run finished
+    thread = threading.Thread(target=loop, name="ingest-progress", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        poll()
+
+
+def run_ingest(
+    plan: IngestPlan, ray_address: str | None = None, progress: Progress | None = None
+) -> IngestResult:
+    """Download what the plan has left, then sum the shards' stats into an IngestResult.
+
+    ``progress`` (total: the plan's URLs) counts the URLs of each shard as it finishes.
+    """
     started = time.time()
     cfg = plan.cfg
     skipped = not plan.todo
+    if progress is not None and progress.total is None:
+        progress.total = plan.urls
     if not skipped:
         img2dataset = import_img2dataset()
         distributor = resolve_distributor(cfg.distributor)
         if distributor == "ray":
             _ensure_ray(ray_address)
-        with _stdout_to_stderr():
+        with _stdout_to_stderr(), _watch(plan, progress):
             img2dataset.download(
                 url_list=plan.url_list,
                 output_folder=plan.output,

@@ -49,6 +49,7 @@ from curate.io.writer import (
     done_shards,
     read_shard_metas,
 )
+from curate.progress import Progress
 from curate.schema import STATUSES
 from curate.stages.decode import decode_batch
 from curate.stages.rows import read_shards_batch
@@ -215,8 +216,12 @@ def build_dataset(cfg: PipelineConfig, shards: list[ShardRef], output: str):
     return _quiet_driver(ds, cfg)
 
 
-def init_ray(address: str | None = None, num_cpus: int | None = None) -> str:
-    """Join a cluster (``--ray-address`` or RAY_ADDRESS, set inside ``ray job submit``) or start one here."""
+def init_ray(address: str | None = None, num_cpus: int | None = None, log_to_driver: bool = True) -> str:
+    """Join a cluster (``--ray-address`` or RAY_ADDRESS, set inside ``ray job submit``) or start one here.
+
+    ``log_to_driver=False`` leaves the workers' output in Ray's log files (the session's
+    ``logs/`` dir) instead of copying every line to this process.
+    """
     import ray
 
     if ray.is_initialized():
@@ -224,7 +229,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> str:
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         # the cluster's nodes (or the job's runtime env) own HF_HOME and offline settings
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=log_to_driver)
         return f"cluster at {address}"
     env = {k: v for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HOME") if (v := os.environ.get(k))}
     # Fractional actor CPUs keep a small machine from deadlocking (read tasks need slots
@@ -235,7 +240,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> str:
         num_cpus=cpus,
         include_dashboard=False,
         runtime_env={"env_vars": env},
-        log_to_driver=True,
+        log_to_driver=log_to_driver,
         configure_logging=True,
         logging_level=logging.WARNING,
     )
@@ -372,8 +377,14 @@ def run_pipeline(
     output: str,
     overwrite: bool = False,
     on_shard: Callable[[dict], None] | None = None,
+    progress: Progress | None = None,
 ) -> RunResult:
-    """Process every shard not yet done under ``output`` and write the manifest. Ray must be initialised."""
+    """Process every shard not yet done under ``output`` and write the manifest. Ray must be initialised.
+
+    ``on_shard`` gets each finished shard's meta; ``progress`` is updated as blocks are
+    written (samples, kept/dropped/error so far, and the total estimated from the shards
+    whose size is known).
+    """
     started = time.time()
     started_at = datetime.now(UTC).isoformat(timespec="seconds")
     prepare_output(output, cfg, overwrite)
@@ -388,7 +399,7 @@ def run_pipeline(
     if not todo:
         result.nothing_to_do = True
     else:
-        _run_shards(cfg, todo, output, result, on_shard)
+        _run_shards(cfg, todo, output, result, on_shard, progress)
     result.wall_s = time.time() - started
     manifest = write_manifest(output, cfg, shards, result, started_at)
     result.counts = manifest["counts"]
@@ -401,6 +412,7 @@ def _run_shards(
     output: str,
     result: RunResult,
     on_shard: Callable[[dict], None] | None,
+    progress: Progress | None = None,
 ) -> None:
     """Stream the blocks' write summaries; commit each shard on a worker once it is complete."""
     import ray
@@ -424,9 +436,20 @@ def _run_shards(
             del commits[ref]
             finished(ray.get(ref))
 
+    sizes: list[int] = []  # samples of each shard whose end was read: the total's estimate
+
+    def count(summary: dict) -> None:
+        if summary["total"] is not None:
+            sizes.append(summary["total"])
+        if progress is not None:
+            estimate = sum(sizes) + (len(todo) - len(sizes)) * sum(sizes) / len(sizes) if sizes else None
+            counts = {s: summary[s] for s in STATUSES}
+            progress.update(summary["rows"], counts, total=estimate)
+
     ds = build_dataset(cfg, todo, output)
     for batch in _summary_blocks(ds):
         for summary in batch.to_pylist():
+            count(summary)
             job = tracker.add(summary)
             if job is not None and job.meta is not None:  # committed by the task that wrote it
                 finished(job.meta)

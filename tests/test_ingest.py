@@ -349,6 +349,12 @@ def test_ingest_then_curate_accounts_for_every_url(image_server, tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "3 downloaded, 5 failed (4 failed_to_download, 1 failed_to_resize)" in proc.stderr, proc.stderr
     assert "HTTP Error 404: Not Found" in proc.stderr and f"shards: {out}/_ingest/*.tar" in proc.stderr
+    # one progress display over the downloads (a line per finished shard), and img2dataset's
+    # and Ray's own output in the run's log file instead of the console
+    assert "curate run: ingest: 8 of 8 URLs" in proc.stderr, proc.stderr
+    assert re.search(r"shard 00000: \d of 5 URLs downloaded", proc.stderr), proc.stderr
+    (log,) = (out / "_logs").glob("run-*.log")
+    assert "Starting the downloading" in log.read_text() and "Starting the downloading" not in proc.stderr
     shards = sorted(p.name for p in (out / "_ingest").glob("*.tar"))
     assert shards == ["00000.tar", "00001.tar"]  # 8 URLs at 5 per shard
     table = pq.read_table(out / "samples").to_pylist()

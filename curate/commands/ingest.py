@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import time
 
 from curate.config import URL_LIST_FORMATS, IngestConfig
 
@@ -60,6 +61,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--ray-address", default=None, help="Ray cluster for --distributor ray")
     p.add_argument(
+        "--verbose",
+        "-v",
+        action="store_true",
+        help="show img2dataset's and Ray's own output here instead of in OUTPUT/_logs/ingest-TIMESTAMP.log",
+    )
+    p.add_argument(
         "--incremental-mode",
         choices=["incremental", "overwrite", "extend"],
         default=_DEFAULTS.incremental_mode,
@@ -104,15 +111,29 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     except (ConfigError, IngestError, MissingExtraError) as exc:
         print(f"curate ingest: error: {exc}", file=sys.stderr)
         return 2
-    print(
-        f"curate ingest: {plan.urls} URLs in {len(plan.files)} list file(s) -> {len(plan.expected)} shard(s) "
-        f"in {plan.output}, {len(plan.todo)} to download",
-        file=sys.stderr,
-    )
-    result = run_ingest(plan, ray_address=args.ray_address)
-    for line in result.summary_lines():
-        print(f"curate ingest: {line}")
-    if not result.complete:
-        return 1
-    print(f"curate ingest: next: curate run PIPELINE --input '{result.shard_glob}' --output OUT")
-    return 0
+    from curate.progress import Progress, quiet_ray_output
+
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    log = f"{plan.output}/_logs/ingest-{stamp}.log" if "://" not in plan.output else None
+    with quiet_ray_output(log, verbose=args.verbose) as (out, err, log_path):
+        print(
+            f"curate ingest: {plan.urls} URLs in {len(plan.files)} list file(s) -> {len(plan.expected)} "
+            f"shard(s) in {plan.output}, {len(plan.todo)} to download",
+            file=err,
+        )
+        if log_path:
+            print(
+                f"curate ingest: img2dataset's and Ray's output go to {log_path} (-v shows them here)",
+                file=err,
+            )
+        progress = Progress("curate ingest", unit="URLs", stream=err)
+        result = run_ingest(plan, ray_address=args.ray_address, progress=progress)
+        progress.close()
+        for line in result.summary_lines():
+            print(f"curate ingest: {line}", file=out)
+        if not result.complete:
+            return 1
+        print(
+            f"curate ingest: next: curate run PIPELINE --input '{result.shard_glob}' --output OUT", file=out
+        )
+        return 0

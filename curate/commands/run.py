@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import sys
+import tempfile
 import time
 
 
@@ -42,7 +43,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--ray-address", default=None, help="Ray cluster to join (default: RAY_ADDRESS or embedded)"
     )
     p.add_argument("--num-cpus", type=int, default=None, help="logical CPUs of the embedded Ray")
-    p.add_argument("--quiet", "-q", action="store_true", help="no per-shard lines")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress and no per-shard lines")
+    p.add_argument(
+        "--verbose",
+        "-v",
+        action="store_true",
+        help="show Ray's own output (its progress dumps, warnings, workers' output) here instead of "
+        "in OUT/_logs/run-TIMESTAMP.log",
+    )
     p.add_argument(
         "--dry-run",
         action="store_true",
@@ -128,7 +136,7 @@ def gpu_shortfall(cfg) -> str | None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from curate.config import ConfigError, IngestConfig, load_pipeline
-    from curate.ingest import INGEST_DIR, IngestError, MissingExtraError, plan_ingest, run_ingest
+    from curate.ingest import INGEST_DIR, IngestError, MissingExtraError, plan_ingest
     from curate.io.reader import InputError, resolve_inputs, shard_refs
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -167,66 +175,92 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         return print_plan(cfg, args.pipeline, shard_refs(urls), output, url_list, args.overwrite)
 
+    from curate.progress import quiet_ray_output
+
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    local = "://" not in output
+    log = (
+        f"{output}/_logs/run-{stamp}.log"
+        if local
+        else os.path.join(tempfile.gettempdir(), f"curate-run-{stamp}.log")
+    )
+    with quiet_ray_output(log, verbose=args.verbose) as (out, err, log_path):
+        if log_path:
+            print(f"curate run: Ray's own messages go to {log_path} (-v shows them here)", file=err)
+        return _execute(args, cfg, plan, urls, output, out, err)
+
+
+def _execute(args: argparse.Namespace, cfg, plan, urls: list[str], output: str, out, err) -> int:
+    """Start or join Ray, download a URL list if given, run, and report on ``out``/``err``."""
+    from curate.ingest import run_ingest
+    from curate.io.reader import shard_refs
     from curate.pipeline import OutputConflictError, init_ray, run_pipeline
+    from curate.progress import Progress
 
     started = time.time()
-    where = init_ray(args.ray_address, args.num_cpus)
+    where = init_ray(args.ray_address, args.num_cpus, log_to_driver=args.verbose)
     problem = gpu_shortfall(cfg)
     if problem:
         if where.startswith("embedded"):
-            print(f"curate run: error: {problem}", file=sys.stderr)
+            print(f"curate run: error: {problem}", file=err)
             return 2
-        print(f"curate run: warning: {problem}; waiting for the autoscaler to add GPU nodes", file=sys.stderr)
+        print(f"curate run: warning: {problem}; waiting for the autoscaler to add GPU nodes", file=err)
     if plan is not None:
-        ingested = run_ingest(plan, ray_address=args.ray_address)
+        downloads = Progress("curate run: ingest", unit="URLs", stream=err, enabled=not args.quiet)
+        ingested = run_ingest(plan, ray_address=args.ray_address, progress=downloads)
+        downloads.close()
         for line in ingested.summary_lines():
-            print(f"curate run: ingest: {line}", file=sys.stderr)
+            print(f"curate run: ingest: {line}", file=err)
         if not ingested.complete:
-            print("curate run: error: the download is incomplete; nothing curated", file=sys.stderr)
+            print("curate run: error: the download is incomplete; nothing curated", file=err)
             return 1
         urls = ingested.shards
     shards = shard_refs(urls)
-    print(
-        f"curate run: pipeline {cfg.name!r}, {len(shards)} shard(s) -> {output} on {where}", file=sys.stderr
-    )
+    print(f"curate run: pipeline {cfg.name!r}, {len(shards)} shard(s) -> {output} on {where}", file=err)
+
+    progress = Progress("curate run", unit="samples", stream=err, enabled=not args.quiet)
 
     def on_shard(meta: dict) -> None:
-        if args.quiet:
-            return
         fault = f"  FAULT: {meta['fault']}" if meta.get("fault") else ""
-        print(
+        progress.note(
             f"  shard {meta['shard']}: {meta['samples']} samples, kept {meta['kept']}, "
-            f"dropped {meta['dropped']}, error {meta['error']}{fault}",
-            file=sys.stderr,
+            f"dropped {meta['dropped']}, error {meta['error']}{fault}"
         )
 
     try:
-        result = run_pipeline(cfg, shards, output, overwrite=args.overwrite, on_shard=on_shard)
+        result = run_pipeline(
+            cfg, shards, output, overwrite=args.overwrite, on_shard=on_shard, progress=progress
+        )
     except OutputConflictError as exc:
-        print(f"curate run: error: {exc}", file=sys.stderr)
+        print(f"curate run: error: {exc}", file=err)
         return 2
+    if not result.nothing_to_do:
+        progress.close()
     if result.nothing_to_do:
         print(
             f"curate run: nothing to do: all {result.shards_total} shard(s) are already in {output} "
-            "(--overwrite starts fresh)"
+            "(--overwrite starts fresh)",
+            file=out,
         )
     else:
         print(
             f"curate run: done in {time.time() - started:.1f}s: "
             f"{result.shards_processed} shard(s) processed, "
             f"{result.shards_skipped} already done; {result.samples_processed} samples at "
-            f"{result.samples_per_s:.2f} samples/s"
+            f"{result.samples_per_s:.2f} samples/s",
+            file=out,
         )
     c = result.counts
     print(
         f"curate run: totals kept={c.get('kept', 0)} dropped={c.get('dropped', 0)} error={c.get('error', 0)} "
-        f"of {c.get('total', 0)}; samples: {output}/samples/*.parquet, curated shards: {output}/shards/*.tar"
+        f"of {c.get('total', 0)}; samples: {output}/samples/*.parquet, curated shards: {output}/shards/*.tar",
+        file=out,
     )
     if result.all_unreadable:
         print(
             f"curate run: error: every shard was unreadable: {', '.join(result.unreadable_shards)} "
             f"(see {output}/manifest.json)",
-            file=sys.stderr,
+            file=err,
         )
         return 1
     return 0

@@ -68,6 +68,10 @@ SUMMARY_SCHEMA = pa.schema(
         pa.field("shard", pa.string()),
         pa.field("part", pa.string()),  # null when the block held only the shard_end row
         pa.field("rows", pa.int64()),  # sample rows in the part
+        # of which kept / dropped / error: for the progress display
+        pa.field("kept", pa.int64()),
+        pa.field("dropped", pa.int64()),
+        pa.field("error", pa.int64()),
         pa.field("total", pa.int64()),  # the shard's sample count, from its shard_end row; else null
         pa.field("fault", pa.string()),  # the shard's read fault, from its shard_end row
         pa.field("meta", pa.string()),  # JSON: the shard's meta when this block's task committed it
@@ -197,11 +201,15 @@ def part_table(rows: list[dict], write_tars: bool = True) -> pa.Table:
     return pa.Table.from_pylist(records, schema=PART_SCHEMA)
 
 
-def _summary(shard: str, part: str | None, rows: int, end: dict | None, meta: dict | None = None) -> dict:
+def _summary(
+    shard: str, part: str | None, rows: list[dict], end: dict | None, meta: dict | None = None
+) -> dict:
+    statuses = Counter(r["status"] for r in rows)
     return {
         "shard": shard,
         "part": part,
-        "rows": rows,
+        "rows": len(rows),
+        **{s: statuses.get(s, 0) for s in STATUSES},
         "total": int(end["shard_total"] or 0) if end is not None else None,
         "fault": end.get("shard_error") if end is not None else None,
         "meta": json.dumps(meta) if meta is not None else None,
@@ -224,7 +232,7 @@ def write_part(rows: Iterable[dict], output: str, write_tars: bool = True) -> li
             part = f"{directory}/{shard_rows[0]['seq']:012d}-{uuid.uuid4().hex[:12]}.parquet"
             with atomic_open(part, fs) as f:
                 pq.write_table(part_table(shard_rows, write_tars), f)
-        summaries.append(_summary(shard, part, len(shard_rows), ends.get(shard)))
+        summaries.append(_summary(shard, part, shard_rows, ends.get(shard)))
     return summaries
 
 
@@ -373,7 +381,7 @@ class ShardStreamWriter:
             if end is not None:
                 del self._sinks[shard]
                 meta = sink.commit(int(end["shard_total"] or 0), end.get("shard_error"), started)
-            summaries.append(_summary(shard, None, len(shard_rows), end, meta))
+            summaries.append(_summary(shard, None, shard_rows, end, meta))
         return summaries
 
     def abort(self) -> None:

@@ -10,6 +10,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -192,3 +193,25 @@ def test_the_readme_duckdb_lines_run_with_the_cli_setup_installs(tmp_path):
         done = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, timeout=60)
         assert done.returncode == 0, (line, done.stderr)
         assert "kept" in done.stdout or "a cat" in done.stdout
+
+
+@pytest.mark.slow
+def test_a_run_shows_one_progress_display_and_sends_rays_output_to_a_log(shards, tmp_path):
+    """The console holds curate's lines only; Ray's dumps and warnings are in OUT/_logs."""
+    out = tmp_path / "out"
+    ray_tmp = tempfile.mkdtemp(prefix="rp-")  # short: Ray's socket paths have a length limit
+    args = ("run", str(REPO / "pipelines" / "convert.yaml"), "--input", str(shards), "--output", str(out))
+    done = _curate(*args, "--num-cpus", "4", cwd=tmp_path, env={"RAY_TMPDIR": ray_tmp})
+    subprocess.run(["pkill", "-9", "-f", ray_tmp], check=False)  # this run's Ray only
+    shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert done.returncode == 0, done.stderr
+    console = done.stdout + done.stderr
+    assert re.search(
+        r"^curate run: 2 of 2 samples \| [\d.]+ samples/s \| kept 2 dropped 0 error 0", done.stderr, re.M
+    )
+    assert "  shard 00000: 1 samples, kept 1, dropped 0, error 0" in done.stderr
+    for noise in ("streaming_executor", "Token authentication", "WARNING", "INFO"):
+        assert noise not in console, (noise, console)
+    (log,) = (out / "_logs").glob("run-*.log")
+    assert f"Ray's own messages go to {log}" in done.stderr
+    assert "streaming_executor" in log.read_text()

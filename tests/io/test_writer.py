@@ -266,7 +266,18 @@ def test_a_block_becomes_a_part_and_a_summary(tmp_path):
     # only the kept sample's image travels to the commit
     assert [x is not None for x in table.column("image").to_pylist()] == [False, True]
     (end,) = write_part([shard_end(shard, 4, fault="cut")], str(out))
-    assert end == {"shard": "00000", "part": None, "rows": 0, "total": 4, "fault": "cut", "meta": None}
+    assert summary["kept"] == 1 and summary["dropped"] == 1 and summary["error"] == 0
+    assert end == {
+        "shard": "00000",
+        "part": None,
+        "rows": 0,
+        "kept": 0,
+        "dropped": 0,
+        "error": 0,
+        "total": 4,
+        "fault": "cut",
+        "meta": None,
+    }
     assert done_shards(str(out)) == set()  # parts are not a finished shard
 
 
