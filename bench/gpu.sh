@@ -6,7 +6,7 @@
 #     bash bench/gpu.sh            # figures to $OUT (or bench/): results-gpu.json + bench-gpu.log
 #
 # It installs the wheels beside the image's torch and transformers, builds the papers'
-# model shapes with random weights (curate.tiny_models --size paper, ~1 min), and runs
+# model shapes with random weights (bench/paper_models.py, ~1 min), and runs
 # bench/run.py on bench/gpu.yaml: pipeline on N and 10N samples, model-only ceiling, the
 # naive one-image loop, GPU utilisation. Then, while the time budget (BUDGET_S, counted
 # from the start) allows, it measures the pipeline alone under each tuning variant in
@@ -35,7 +35,7 @@ LOG="$OUT/bench-gpu.log"
 print("python", sys.version.split()[0], "torch", torch.__version__, "transformers", transformers.__version__,
       "ray", ray.__version__, "pyarrow", pyarrow.__version__, "numpy", numpy.__version__)'
     t=$SECONDS
-    test -f out/paper-models/clip/model.safetensors || python3 -m curate.tiny_models out/paper-models --size paper
+    test -f out/paper-models/clip/model.safetensors || python3 -m bench.paper_models out/paper-models
     echo "gpu.sh: models ready in $((SECONDS - t)) s"
 } 2>&1 | tee "$LOG"
 status=0

@@ -17,7 +17,7 @@ from tests.helpers import start_local_ray
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Tiny random-weight BLIP captioner, BLIP ITM and CLIP directories, built once per session."""
-    from curate.tiny_models import build_all
+    from tests.random_models import build_all
 
     return build_all(tmp_path_factory.mktemp("tiny_models"))
 

@@ -1,0 +1,192 @@
+"""Random-weight models of the real architectures (BLIP captioner, BLIP ITM, CLIP), built from configs.
+
+They load through exactly the code path of the papers' checkpoints (``from_pretrained`` on a
+directory, safetensors); their captions are random words: they exercise the machinery, not the
+quality. :data:`TINY` (a few hundred thousand parameters) is the ``tiny_models`` test fixture;
+``bench/paper_models.py`` builds the same classes at the papers' shapes for the GPU benchmark,
+where the checkpoints cannot be downloaded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]"]
+WORDS = (
+    "a an the of in on with and at to by for from is are photo picture image drawing "
+    "clip art icon cartoon illustration of dog cat bird horse car tree house flower sun "
+    "red blue green yellow black white small large man woman child people group standing "
+    "sitting running on top near next behind field street water sky grass table room "
+    "logo symbol sign map flag star heart person animal food fruit apple book computer "
+    "phone music ball game face hand eye line shape circle square colorful vector"
+).split()
+
+
+def transformer(hidden: int, intermediate: int, layers: int, heads: int) -> dict[str, int]:
+    """The sizes of one transformer tower, as Hugging Face config fields."""
+    return {
+        "hidden_size": hidden,
+        "intermediate_size": intermediate,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+    }
+
+
+@dataclass(frozen=True)
+class Shapes:
+    """The sizes of the three models. A ``None`` vocabulary is the small word list above."""
+
+    vision: dict[str, int]
+    text: dict[str, int]
+    blip_image: int
+    blip_patch: int
+    blip_vocab: int | None
+    blip_positions: int
+    blip_projection: int
+    clip_image: int
+    clip_patch: int
+    clip_vocab: int | None
+    clip_positions: int
+    clip_projection: int
+    bf16: bool = False  # saved in bf16: half the disk; the pipeline casts to its ``dtype``
+
+
+TINY = Shapes(
+    vision=transformer(32, 64, 2, 2),
+    text=transformer(32, 64, 2, 2),
+    blip_image=32,
+    blip_patch=8,
+    blip_vocab=None,
+    blip_positions=64,
+    blip_projection=32,
+    clip_image=32,
+    clip_patch=8,
+    clip_vocab=None,
+    clip_positions=64,
+    clip_projection=32,
+)
+
+
+def write_vocab(directory: Path, size: int | None = None) -> Path:
+    """A WordPiece vocab.txt: the word list, padded with [unusedN] to ``size`` entries."""
+    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
+    tokens = SPECIAL + sorted(set(WORDS)) + letters + [f"##{c}" for c in letters] + list("0123456789.,!?'-")
+    seen: set[str] = set()
+    vocab = [t for t in tokens if not (t in seen or seen.add(t))]
+    if size is not None:
+        vocab += [f"[unused{i}]" for i in range(size - len(vocab))]
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "vocab.txt"
+    path.write_text("\n".join(vocab) + "\n")
+    return path
+
+
+def tokenizer(directory: Path, size: int | None = None) -> Any:
+    """A BERT tokenizer over :func:`write_vocab`'s vocabulary, saved in ``directory``."""
+    from transformers import BertTokenizer
+
+    write_vocab(directory, size)
+    # [DEC] starts BLIP captions, as in the real BLIP tokenizer; special, so decoding drops it
+    return BertTokenizer.from_pretrained(str(directory), do_lower_case=True, bos_token="[DEC]")
+
+
+def _vision(shapes: Shapes, image_size: int, patch_size: int) -> dict[str, Any]:
+    return {
+        **shapes.vision,
+        "image_size": image_size,
+        "patch_size": patch_size,
+        # BLIP's default vision init (1e-10) would make every image look alike
+        "initializer_range": 0.02,
+    }
+
+
+def blip_config(tok: Any, shapes: Shapes = TINY) -> Any:
+    """The BLIP config (captioner and ITM share it) of ``shapes`` for tokenizer ``tok``."""
+    from transformers import BlipConfig
+
+    text = {
+        **shapes.text,
+        "vocab_size": len(tok),
+        "max_position_embeddings": shapes.blip_positions,
+        "encoder_hidden_size": shapes.vision["hidden_size"],
+        "bos_token_id": tok.convert_tokens_to_ids("[DEC]"),
+        "sep_token_id": tok.sep_token_id,
+        "eos_token_id": tok.sep_token_id,
+        "pad_token_id": tok.pad_token_id,
+    }
+    vision = _vision(shapes, shapes.blip_image, shapes.blip_patch)
+    return BlipConfig(text_config=text, vision_config=vision, projection_dim=shapes.blip_projection)
+
+
+def clip_config(tok: Any, shapes: Shapes = TINY) -> Any:
+    """The CLIP config of ``shapes`` for tokenizer ``tok`` (a WordPiece stand-in for CLIP's BPE)."""
+    from transformers import CLIPConfig
+
+    text = {
+        **shapes.text,
+        "vocab_size": len(tok),
+        "max_position_embeddings": shapes.clip_positions,
+        "bos_token_id": tok.cls_token_id,
+        "eos_token_id": tok.sep_token_id,  # pooled at the first [SEP]
+        "pad_token_id": tok.pad_token_id,
+    }
+    vision = _vision(shapes, shapes.clip_image, shapes.clip_patch)
+    return CLIPConfig(text_config=text, vision_config=vision, projection_dim=shapes.clip_projection)
+
+
+def _save(model: Any, directory: Path, shapes: Shapes) -> None:
+    import torch
+
+    if shapes.bf16:
+        model = model.to(torch.bfloat16)
+    model.save_pretrained(directory, safe_serialization=True)
+
+
+def _build_blip(model_class: str, directory: str | Path, seed: int, shapes: Shapes) -> Path:
+    import torch
+    import transformers
+    from transformers import BlipImageProcessorPil, BlipProcessor
+
+    directory = Path(directory)
+    torch.manual_seed(seed)
+    tok = tokenizer(directory, shapes.blip_vocab)
+    _save(getattr(transformers, model_class)(blip_config(tok, shapes)), directory, shapes)
+    side = shapes.blip_image
+    image_processor = BlipImageProcessorPil(size={"height": side, "width": side})
+    BlipProcessor(image_processor=image_processor, tokenizer=tok).save_pretrained(directory)
+    return directory
+
+
+def build_blip_captioner(directory: str | Path, seed: int = 0, shapes: Shapes = TINY) -> Path:
+    return _build_blip("BlipForConditionalGeneration", directory, seed, shapes)
+
+
+def build_blip_itm(directory: str | Path, seed: int = 0, shapes: Shapes = TINY) -> Path:
+    return _build_blip("BlipForImageTextRetrieval", directory, seed, shapes)
+
+
+def build_clip(directory: str | Path, seed: int = 0, shapes: Shapes = TINY) -> Path:
+    import torch
+    from transformers import CLIPImageProcessorPil, CLIPModel
+
+    directory = Path(directory)
+    torch.manual_seed(seed)
+    tok = tokenizer(directory, shapes.clip_vocab)
+    _save(CLIPModel(clip_config(tok, shapes)), directory, shapes)
+    tok.save_pretrained(directory)
+    side = shapes.clip_image
+    crop = {"height": side, "width": side}
+    CLIPImageProcessorPil(size={"shortest_edge": side}, crop_size=crop).save_pretrained(directory)
+    return directory
+
+
+def build_all(directory: str | Path, seed: int = 0, shapes: Shapes = TINY) -> dict[str, Path]:
+    """Write captioner/, itm/ and clip/ of ``shapes`` under ``directory``; returns their paths."""
+    directory = Path(directory)
+    return {
+        "captioner": build_blip_captioner(directory / "captioner", seed, shapes),
+        "itm": build_blip_itm(directory / "itm", seed + 1, shapes),
+        "clip": build_clip(directory / "clip", seed + 2, shapes),
+    }
