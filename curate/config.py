@@ -375,8 +375,9 @@ class PipelineConfig:
         p = self.policy
         if p.itm_threshold is not None and self.filter is None:
             raise ConfigError("policy.itm_threshold: needs a 'filter' section (the ITM model)")
-        if (p.top_k is not None or p.min_clip_score is not None) and self.ranker is None:
-            raise ConfigError("policy.top_k: ranking needs a 'ranker' section (the CLIP model)")
+        for name in ("top_k", "min_clip_score"):
+            if getattr(p, name) is not None and self.ranker is None:
+                raise ConfigError(f"policy.{name}: needs a 'ranker' section (the CLIP model, for clip_score)")
         if self.captioner is None and not p.keep_alt_text:
             raise ConfigError("policy.keep_alt_text: without a captioner there is nothing else to keep")
         if self.rewriter is not None and self.captioner is None:
