@@ -1,4 +1,4 @@
-"""Command line: ``curate run|data|query|stats|report``.
+"""Command line: ``curate run|ingest|data|query|stats|report``.
 
 Entry points parse arguments; library code takes typed arguments. Each subcommand
 module exposes ``register(subparsers)`` and sets ``func`` on its parser; imports stay
@@ -16,9 +16,9 @@ SUBCOMMANDS = {
     "run": "curate.commands.run",
     "ingest": "curate.commands.ingest",
     "data": "curate.commands.data",
-    "query": "curate.commands.inspect",
-    "stats": "curate.commands.inspect",
-    "report": "curate.commands.inspect",
+    "query": "curate.commands.explore",
+    "stats": "curate.commands.explore",
+    "report": "curate.commands.explore",
 }
 
 

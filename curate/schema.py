@@ -37,6 +37,9 @@ samples/*.parquet
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import pyarrow as pa
 
 STATUS_KEPT = "kept"
@@ -57,6 +60,18 @@ CANDIDATE_TYPE = pa.struct(
         pa.field("kept", pa.bool_()),
     ]
 )
+
+
+def candidate_score(candidate: Mapping[str, Any]) -> float | None:
+    """The score a candidate ranks by: CLIP similarity when a ranker scored it, else ITM match
+    probability (a CapFilt-only run has no CLIP scores); None when neither model scored it.
+
+    The one rule for the keep policy, the report and ``curate query``'s ``score`` column (whose
+    SQL form is ``curate.explore.views.SCORE_SQL``).
+    """
+    clip = candidate.get("clip_score")
+    return clip if clip is not None else candidate.get("itm_score")
+
 
 SAMPLES_SCHEMA = pa.schema(
     [

@@ -12,7 +12,7 @@ from __future__ import annotations
 import pyarrow as pa
 
 from curate.config import PolicyConfig
-from curate.schema import SOURCE_ALT, STATUS_DROPPED, STATUS_KEPT
+from curate.schema import SOURCE_ALT, STATUS_DROPPED, STATUS_KEPT, candidate_score
 from curate.stages.rows import get_candidates, is_pending, set_candidates, to_rows, to_table
 
 
@@ -28,9 +28,7 @@ def _sort_key(c: dict) -> tuple:
 
 
 def _score(c: dict) -> float:
-    score = c.get("clip_score")
-    if score is None:
-        score = c.get("itm_score")
+    score = candidate_score(c)
     return score if score is not None else float("-inf")
 
 

@@ -78,15 +78,15 @@ def cmd_query(args: argparse.Namespace) -> int:
     """Run the query; table/CSV/JSON go to stdout, or any format to ``--to``."""
     import duckdb
 
-    from curate import inspect
+    from curate import explore
 
     try:
-        fmt = inspect.export_format(args.format, args.to)
+        fmt = explore.export_format(args.format, args.to)
     except ValueError as exc:
         return _fail("query", str(exc))
     try:
-        run = inspect.open_run(args.out)
-    except inspect.RunOutputError as exc:
+        run = explore.open_run(args.out)
+    except explore.RunOutputError as exc:
         return _fail("query", str(exc))
     if args.to:
         target = os.path.abspath(args.to)
@@ -96,21 +96,21 @@ def cmd_query(args: argparse.Namespace) -> int:
         return _fail("query", "Parquet is binary: pass --to FILE or redirect stdout")
     con = None
     try:
-        con = inspect.connect(run)
-        rel = inspect.execute(con, args.sql)
+        con = explore.connect(run)
+        rel = explore.execute(con, args.sql)
         if args.to:
-            inspect.write_result(rel, fmt, args.to)
+            explore.write_result(rel, fmt, args.to)
             print(f"wrote {os.path.abspath(args.to)}", file=sys.stderr)
         elif fmt == "table":
-            print(inspect.format_query_result(rel, max_rows=args.max_rows, max_width=args.max_width))
+            print(explore.format_query_result(rel, max_rows=args.max_rows, max_width=args.max_width))
             sys.stdout.flush()
         else:
             sys.stdout.flush()
-            inspect.write_result_to_stream(rel, fmt, _binary_stdout())
+            explore.write_result_to_stream(rel, fmt, _binary_stdout())
             sys.stdout.flush()
     except BrokenPipeError:
         return _stdout_closed()
-    except inspect.ReadOnlyQueryError as exc:
+    except explore.ReadOnlyQueryError as exc:
         return _fail("query", str(exc))
     except duckdb.Error as exc:
         return _fail("query", str(exc))
@@ -140,11 +140,11 @@ def cmd_stats(args: argparse.Namespace) -> int:
     """Print statistics as text or JSON."""
     import duckdb
 
-    from curate import inspect
+    from curate import explore
 
     try:
-        stats = inspect.compute_stats(args.out)
-    except inspect.RunOutputError as exc:
+        stats = explore.compute_stats(args.out)
+    except explore.RunOutputError as exc:
         return _fail("stats", str(exc))
     except duckdb.Error as exc:
         return _fail("stats", f"could not read the samples Parquet: {exc}")
@@ -152,7 +152,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps(stats, indent=2, ensure_ascii=False, default=str))
         else:
-            print(inspect.format_stats(stats))
+            print(explore.format_stats(stats))
         sys.stdout.flush()
     except BrokenPipeError:
         return _stdout_closed()
@@ -163,13 +163,13 @@ def cmd_report(args: argparse.Namespace) -> int:
     """Write the HTML report and print its path."""
     import duckdb
 
-    from curate import inspect
+    from curate import explore
 
     try:
-        path = inspect.write_report(
+        path = explore.write_report(
             args.out, compare=args.compare, output=args.output, max_samples=args.samples
         )
-    except inspect.RunOutputError as exc:
+    except explore.RunOutputError as exc:
         return _fail("report", str(exc))
     except duckdb.Error as exc:
         return _fail("report", f"could not read the samples Parquet: {exc}")
