@@ -14,7 +14,7 @@ from typing import Any
 import duckdb
 
 from curate.explore.plots import length_chart, outcome_chart, score_histogram
-from curate.explore.stats import compute_stats
+from curate.explore.stats import SHARD_HEADERS, compute_stats, shard_rows
 from curate.explore.tables import fmt_num, fmt_pct
 from curate.explore.thumbnails import Thumbnail, load_thumbnails
 from curate.explore.views import (
@@ -294,22 +294,8 @@ def _run_sections(
         sections["lengths"] = _img(length_chart(con), "caption length histogram")
         for grid_id, _title, where in GRIDS:
             sections[grid_id] = _grid(run, con, where, max_samples, thumb_size)
-        shard_rows = [
-            (
-                name,
-                s["samples"],
-                s["kept"],
-                s["dropped"],
-                s["error"],
-                fmt_pct(s["kept"], s["samples"]),
-                s.get("fault") or "",
-            )
-            for name, s in list(stats["shards"].items())[:200]
-        ]
         sections["shards"] = _table(
-            ["shard", "samples", "kept", "dropped", "error", "keep", "fault"],
-            shard_rows,
-            [False, True, True, True, True, False, False],
+            SHARD_HEADERS, shard_rows(stats, 200), [False, True, True, True, True, False, False]
         )
     finally:
         con.close()

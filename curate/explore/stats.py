@@ -210,6 +210,25 @@ def compute_stats(out: str | os.PathLike[str] | RunOutput) -> dict[str, Any]:
     }
 
 
+SHARD_HEADERS = ("shard", "samples", "kept", "dropped", "error", "keep", "fault")
+
+
+def shard_rows(stats: dict[str, Any], limit: int) -> list[tuple[Any, ...]]:
+    """The first ``limit`` shards of :func:`compute_stats` as rows under :data:`SHARD_HEADERS`."""
+    return [
+        (
+            name,
+            s["samples"],
+            s["kept"],
+            s["dropped"],
+            s["error"],
+            fmt_pct(s["kept"], s["samples"]),
+            s.get("fault") or "",
+        )
+        for name, s in list(stats["shards"].items())[:limit]
+    ]
+
+
 def format_stats(stats: dict[str, Any], *, max_shards: int = 30) -> str:
     """The plain-text form of :func:`compute_stats` for a terminal."""
     counts = stats["counts"]
@@ -320,28 +339,10 @@ def format_stats(stats: dict[str, Any], *, max_shards: int = 30) -> str:
     shards = stats["shards"]
     if shards:
         lines += ["", "shards"]
-        items = list(shards.items())
-        rows = [
-            (
-                name,
-                s["samples"],
-                s["kept"],
-                s["dropped"],
-                s["error"],
-                fmt_pct(s["kept"], s["samples"]),
-                s.get("fault") or "",
-            )
-            for name, s in items[:max_shards]
-        ]
-        lines.append(
-            text_table(
-                ["shard", "samples", "kept", "dropped", "error", "keep", "fault"],
-                rows,
-                right=[False, True, True, True, True, True, False],
-            )
-        )
-        if len(items) > max_shards:
-            lines.append(f"... {len(items) - max_shards:,} more shard(s); see --json")
+        rows = shard_rows(stats, max_shards)
+        lines.append(text_table(SHARD_HEADERS, rows, right=[False, True, True, True, True, True, False]))
+        if len(shards) > max_shards:
+            lines.append(f"... {len(shards) - max_shards:,} more shard(s); see --json")
     if stats["warnings"]:
         lines += ["", "warnings"]
         lines.extend(f"  - {terminal_safe(w)}" for w in stats["warnings"])
