@@ -188,15 +188,15 @@ def load_models(cfg, fuse: bool = True) -> dict:
     if cfg.captioner:
         models["captioner"] = CaptionStage(cfg.captioner, seed=cfg.seed).model
     if fuse and fused_scoring(cfg.filter, cfg.ranker):  # as the pipeline runs it: both heads in one pass
-        bridge = ScoreStage(cfg.filter).model.model
-        models["filter+ranker"] = lambda images, texts: bridge.itm_itc_scores(
-            images, texts, cfg.filter.batch_size
-        )
+        models["filter+ranker"] = ScoreStage(cfg.filter).model
         return models
+    # a scorer returns {field: scores per image}; the loops here want the one field's lists
     if cfg.filter:
-        models["filter"] = FilterStage(cfg.filter).model
+        itm = FilterStage(cfg.filter).model
+        models["filter"] = lambda images, texts: itm(images, texts)["itm_score"]
     if cfg.ranker:
-        models["ranker"] = RankStage(cfg.ranker).model
+        clip = RankStage(cfg.ranker).model
+        models["ranker"] = lambda images, texts: clip(images, texts)["clip_score"]
     return models
 
 

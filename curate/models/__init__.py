@@ -9,3 +9,8 @@ pickled weights, with ``trust_remote_code`` off unless the user turns it on.
 # model (the driver) can read it without importing torch
 BRIDGE_FILTER_TYPE = "curate-bridge-filter"
 BRIDGE_CAPTIONER_TYPE = "curate-bridge-captioner"
+
+# the candidate fields a scorer fills (curate.schema.CANDIDATE_TYPE): the ITM head's
+# P(match) and the CLIP (or bridge ITC) cosine similarity
+ITM_SCORE = "itm_score"
+CLIP_SCORE = "clip_score"

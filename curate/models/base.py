@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from curate.config import ModelConfig
 
 log = logging.getLogger("curate.models")
 
@@ -52,6 +55,16 @@ class LoadOptions:
     trust_remote_code: bool = False
     allow_pickle_weights: bool = False
 
+    @classmethod
+    def of(cls, cfg: ModelConfig) -> LoadOptions:
+        """What a pipeline's model section says about loading."""
+        return cls(
+            model=cfg.model,
+            revision=cfg.revision,
+            trust_remote_code=cfg.trust_remote_code,
+            allow_pickle_weights=cfg.allow_pickle_weights,
+        )
+
     def kwargs(self) -> dict[str, Any]:
         kw: dict[str, Any] = {"trust_remote_code": self.trust_remote_code}
         if self.revision:
@@ -70,6 +83,19 @@ def load_error(what: str, opts: LoadOptions, exc: Exception) -> RuntimeError:
     if "safetensors" in str(exc).lower() and not opts.allow_pickle_weights:
         hint = " (only safetensors weights are loaded; set allow_pickle_weights: true to accept .bin files)"
     return RuntimeError(f"cannot load {what} from {opts.model!r}: {type(exc).__name__}: {exc}{hint}")
+
+
+def model_type(load: LoadOptions, what: str) -> str:
+    """The ``model_type`` of ``load.model``'s config: what decides which implementation of a
+    role (``what``) loads it. The bridge family's types are registered first."""
+    import transformers
+
+    import curate.models.bridge  # noqa: F401  (registers the bridge model types)
+
+    try:
+        return transformers.AutoConfig.from_pretrained(load.model, **load.kwargs()).model_type
+    except Exception as exc:
+        raise load_error(what, load, exc) from exc
 
 
 def model_revision(model: Any) -> str | None:

@@ -1,18 +1,35 @@
-"""Captioner: any transformers image-to-text model writes N captions per image.
+"""Captioner: an image-to-text model writes N captions per image.
 
 BLIP CapFilt samples with nucleus sampling (top-p 0.9) because diverse captions help;
-beam search is available for deterministic single captions.
+beam search is available for deterministic single captions. Two implementations share
+one call, ``captioner(images, seed=...) -> one list of captions per image``:
+:class:`HFCaptioner` (BLIP, BLIP-2, any transformers image-text-to-text model) and
+:class:`BridgeCaptioner` (the bootstrapped bridge, ``curate.models.bridge.captioner``).
+:func:`load_captioner` picks one from the model directory's ``model_type``.
 """
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from PIL import Image
 
 from curate.models import BRIDGE_CAPTIONER_TYPE
-from curate.models.base import LoadOptions, load_error, model_revision, move, resolve_device, resolve_dtype
+from curate.models.base import (
+    LoadOptions,
+    load_error,
+    model_revision,
+    model_type,
+    move,
+    resolve_device,
+    resolve_dtype,
+)
+
+if TYPE_CHECKING:
+    from curate.config import CaptionerConfig
 
 
 @dataclass(frozen=True)
@@ -29,25 +46,55 @@ class GenerationSettings:
     dedupe: bool = True
 
 
-BRIDGE_MODEL_TYPE = BRIDGE_CAPTIONER_TYPE
+class Captioner(ABC):
+    """Loaded once, then ``captioner(images, seed=...)`` -> one list of captions per image,
+    whitespace-normalised, without the prompt and (with ``dedupe``) without repeats."""
+
+    settings: GenerationSettings
+    revision: str | None
+
+    @torch.inference_mode()
+    def __call__(self, images: list[Image.Image], seed: int | None = None) -> list[list[str]]:
+        if not images:
+            return []
+        if seed is not None:
+            torch.manual_seed(seed)
+        return [self._clean(texts) for texts in self._generate(images, seed)]
+
+    @abstractmethod
+    def _generate(self, images: list[Image.Image], seed: int | None) -> list[list[str]]:
+        """``num_captions`` raw texts per image."""
+
+    def _clean(self, texts: list[str]) -> list[str]:
+        prompt = (self.settings.prompt or "").strip().lower()
+        out: list[str] = []
+        seen: set[str] = set()
+        for text in texts:
+            text = " ".join(text.split())
+            if prompt and text.lower().startswith(prompt):
+                text = text[len(prompt) :].strip()
+            if not text:
+                continue
+            norm = text.lower()
+            if self.settings.dedupe and norm in seen:
+                continue
+            seen.add(norm)
+            out.append(text)
+        return out
 
 
-def _model_class(model_type: str):
+def _hf_model_class(kind: str):
     import transformers
 
-    if model_type == "blip":
+    if kind == "blip":
         return transformers.BlipForConditionalGeneration
-    if model_type == "blip-2":
+    if kind == "blip-2":
         return transformers.Blip2ForConditionalGeneration
-    if model_type == BRIDGE_MODEL_TYPE:
-        from curate.models.bridge.captioner import BridgeCaptionerModel
-
-        return BridgeCaptionerModel
     return transformers.AutoModelForImageTextToText
 
 
-class Captioner:
-    """Loads once, then ``captioner(images, seed=...)`` -> one list of captions per image."""
+class HFCaptioner(Captioner):
+    """A transformers captioner: its processor prepares the images, ``generate`` writes."""
 
     def __init__(
         self,
@@ -58,21 +105,13 @@ class Captioner:
     ) -> None:
         import transformers
 
-        import curate.models.bridge  # noqa: F401  (registers the bridge captioner's model type)
-
         self.settings = settings or GenerationSettings()
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
+        cls = _hf_model_class(model_type(load, "captioner"))
         try:
-            config = transformers.AutoConfig.from_pretrained(load.model, **load.kwargs())
-            # the bridge captioner (trained bridge, frozen LM from its package) brings its own tokenizer
-            self.bridge = config.model_type == BRIDGE_MODEL_TYPE
-            cls = _model_class(config.model_type)
             model = cls.from_pretrained(load.model, **load.model_kwargs())
-            if self.bridge:
-                self.processor = model.language_model()[1]  # loads the frozen LM now, in the actor
-            else:
-                self.processor = transformers.AutoProcessor.from_pretrained(load.model, **load.kwargs())
+            self.processor = transformers.AutoProcessor.from_pretrained(load.model, **load.kwargs())
         except Exception as exc:
             raise load_error("captioner", load, exc) from exc
         self.model = move(model, self.device, self.dtype)
@@ -109,21 +148,38 @@ class Captioner:
             kw.update(do_sample=True, top_p=s.top_p, top_k=0, temperature=s.temperature, num_beams=1)
         return kw
 
-    @torch.inference_mode()
-    def __call__(self, images: list[Image.Image], seed: int | None = None) -> list[list[str]]:
-        if not images:
-            return []
-        if seed is not None:
-            torch.manual_seed(seed)
-        if self.bridge:
-            return [self._clean(texts) for texts in self._bridge_generate(images, seed)]
-        inputs = self._inputs(images)
-        ids = self.model.generate(**inputs, **self._generate_kwargs())
+    def _generate(self, images: list[Image.Image], seed: int | None) -> list[list[str]]:
+        ids = self.model.generate(**self._inputs(images), **self._generate_kwargs())
         texts = self.tokenizer.batch_decode(ids, skip_special_tokens=True)
         n = self.settings.num_captions
-        return [self._clean(texts[i * n : (i + 1) * n]) for i in range(len(images))]
+        return [texts[i * n : (i + 1) * n] for i in range(len(images))]
 
-    def _bridge_generate(self, images: list[Image.Image], seed: int | None) -> list[list[str]]:
+
+class BridgeCaptioner(Captioner):
+    """The bootstrapped bridge captioner; it brings its frozen LM's tokenizer and samples
+    with ``curate.models.sampling`` (prefix prefilled once per image)."""
+
+    def __init__(
+        self,
+        load: LoadOptions,
+        settings: GenerationSettings | None = None,
+        device: str = "auto",
+        dtype: str = "fp32",
+    ) -> None:
+        from curate.models.bridge.captioner import BridgeCaptionerModel
+
+        self.settings = settings or GenerationSettings()
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
+        try:
+            model = BridgeCaptionerModel.from_pretrained(load.model, **load.model_kwargs())
+            self.tokenizer = model.language_model()[1]  # loads the frozen LM now, in the actor
+        except Exception as exc:
+            raise load_error("captioner", load, exc) from exc
+        self.model = move(model, self.device, self.dtype)
+        self.revision = model_revision(self.model)
+
+    def _generate(self, images: list[Image.Image], seed: int | None) -> list[list[str]]:
         s = self.settings
         return self.model.generate_captions(
             images,
@@ -139,19 +195,31 @@ class Captioner:
             prompt=s.prompt,
         )
 
-    def _clean(self, texts: list[str]) -> list[str]:
-        prompt = (self.settings.prompt or "").strip().lower()
-        out: list[str] = []
-        seen: set[str] = set()
-        for text in texts:
-            text = " ".join(text.split())
-            if prompt and text.lower().startswith(prompt):
-                text = text[len(prompt) :].strip()
-            if not text:
-                continue
-            norm = text.lower()
-            if self.settings.dedupe and norm in seen:
-                continue
-            seen.add(norm)
-            out.append(text)
-        return out
+
+def generation_settings(cfg: CaptionerConfig) -> GenerationSettings:
+    return GenerationSettings(
+        num_captions=cfg.num_captions,
+        decoding=cfg.decoding,
+        top_p=cfg.top_p,
+        temperature=cfg.temperature,
+        max_new_tokens=cfg.max_new_tokens,
+        min_new_tokens=cfg.min_new_tokens,
+        num_beams=cfg.num_beams,
+        repetition_penalty=cfg.repetition_penalty,
+        prompt=cfg.prompt,
+        dedupe=cfg.dedupe,
+    )
+
+
+def open_captioner(
+    load: LoadOptions, settings: GenerationSettings | None = None, device: str = "auto", dtype: str = "fp32"
+) -> Captioner:
+    """The captioner implementation for ``load.model``: the bridge for a bridge captioner
+    directory, transformers for anything else."""
+    cls = BridgeCaptioner if model_type(load, "captioner") == BRIDGE_CAPTIONER_TYPE else HFCaptioner
+    return cls(load, settings, device=device, dtype=dtype)
+
+
+def load_captioner(cfg: CaptionerConfig) -> Captioner:
+    """The captioner a pipeline's ``captioner`` section describes."""
+    return open_captioner(LoadOptions.of(cfg), generation_settings(cfg), device=cfg.device, dtype=cfg.dtype)

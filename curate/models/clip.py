@@ -1,7 +1,8 @@
 """CLIP ranker: cosine similarity of image and text embeddings (BLIP-2's ranking signal).
 
-A bootstrapped bridge filter directory (``model_type: curate-bridge-filter``) ranks with
-its ITC embeddings.
+Any transformers dual encoder (``get_image_features``/``get_text_features``). A
+bootstrapped bridge filter ranks with its ITC embeddings through
+:class:`curate.models.scorer.BridgeScorer`.
 """
 
 from __future__ import annotations
@@ -9,7 +10,9 @@ from __future__ import annotations
 import torch
 from PIL import Image
 
+from curate.models import CLIP_SCORE
 from curate.models.base import LoadOptions, load_error, model_revision, move, resolve_device, resolve_dtype
+from curate.models.scorer import Scorer, Scores, split
 
 
 def _features(out) -> torch.Tensor:
@@ -38,8 +41,11 @@ def load_image_processor(load: LoadOptions):
         return pil.from_pretrained(load.model, **load.kwargs())
 
 
-class ClipRanker:
-    """``ranker(images, texts_per_image)`` -> cosine similarities; each image embedded once."""
+class ClipRanker(Scorer):
+    """``ranker(images, texts_per_image)`` -> ``{"clip_score": cosine similarities}``; each image
+    embedded once."""
+
+    fields = (CLIP_SCORE,)
 
     def __init__(
         self,
@@ -53,19 +59,8 @@ class ClipRanker:
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.batch_size = batch_size
-        import curate.models.bridge  # noqa: F401  (registers the bridge filter's model type)
-        from curate.models.bridge.filter import MODEL_TYPE as BRIDGE_FILTER
-
         try:
             model = transformers.AutoModel.from_pretrained(load.model, **load.model_kwargs())
-            self.bridge = model.config.model_type == BRIDGE_FILTER
-        except Exception as exc:
-            raise load_error("CLIP ranker", load, exc) from exc
-        if self.bridge:
-            self.model = move(model, self.device, self.dtype)
-            self.revision = model_revision(self.model)
-            return
-        try:
             if not hasattr(model, "get_image_features") or not hasattr(model, "get_text_features"):
                 raise ValueError(f"{type(model).__name__} is not a dual encoder (no get_image_features)")
             self.image_processor = load_image_processor(load)
@@ -79,8 +74,6 @@ class ClipRanker:
 
     @torch.inference_mode()
     def embed_images(self, images: list[Image.Image]) -> torch.Tensor:
-        if self.bridge:
-            return self.model.image_itc(self.model.encode_images(images)).float()
         pixel_values = self.image_processor(images=images, return_tensors="pt")["pixel_values"]
         feats = _features(
             self.model.get_image_features(pixel_values=pixel_values.to(self.device, self.dtype))
@@ -91,10 +84,6 @@ class ClipRanker:
     def embed_texts(self, texts: list[str]) -> torch.Tensor:
         chunks = []
         for start in range(0, len(texts), self.batch_size):
-            if self.bridge:
-                pooled = self.model.encode_texts(texts[start : start + self.batch_size])[2]
-                chunks.append(self.model.text_itc(pooled).float())
-                continue
             tok = self.tokenizer(
                 texts[start : start + self.batch_size],
                 padding=True,
@@ -106,18 +95,12 @@ class ClipRanker:
             chunks.append(torch.nn.functional.normalize(feats.float(), dim=-1))
         return torch.cat(chunks) if chunks else torch.empty(0)
 
-    def __call__(self, images: list[Image.Image], texts: list[list[str]]) -> list[list[float]]:
-        if not images:
-            return []
+    def _score(self, images: list[Image.Image], texts: list[list[str]]) -> Scores:
         image_feats = self.embed_images(images)
         flat = [t for ts in texts for t in ts]
         if not flat:
-            return [[] for _ in texts]
+            return {CLIP_SCORE: [[] for _ in texts]}
         text_feats = self.embed_texts(flat)
         owner = torch.tensor([i for i, ts in enumerate(texts) for _ in ts])
         sims = (image_feats[owner] * text_feats).sum(-1).tolist()
-        out, pos = [], 0
-        for ts in texts:
-            out.append(sims[pos : pos + len(ts)])
-            pos += len(ts)
-        return out
+        return {CLIP_SCORE: split(sims, texts)}

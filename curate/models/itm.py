@@ -1,8 +1,8 @@
 """ITM filter: BLIP's image-text matching head gives P(match) for each (image, text).
 
 Each image goes through the vision tower once; its features are reused for the
-alt-text and every synthetic caption. A bootstrapped bridge filter directory
-(``model_type: curate-bridge-filter``, ``curate.models.bridge.filter``) is served too.
+alt-text and every synthetic caption. (A bootstrapped bridge filter is served by
+:class:`curate.models.scorer.BridgeScorer`.)
 """
 
 from __future__ import annotations
@@ -10,11 +10,23 @@ from __future__ import annotations
 import torch
 from PIL import Image
 
-from curate.models.base import LoadOptions, load_error, model_revision, move, resolve_device, resolve_dtype
+from curate.models import ITM_SCORE
+from curate.models.base import (
+    LoadOptions,
+    load_error,
+    model_revision,
+    model_type,
+    move,
+    resolve_device,
+    resolve_dtype,
+)
+from curate.models.scorer import Scorer, Scores, split
 
 
-class ITMFilter:
-    """``itm(images, texts_per_image)`` -> match probabilities, one list per image."""
+class ITMFilter(Scorer):
+    """``itm(images, texts_per_image)`` -> ``{"itm_score": match probabilities, one list per image}``."""
+
+    fields = (ITM_SCORE,)
 
     def __init__(
         self,
@@ -30,35 +42,25 @@ class ITMFilter:
         self.dtype = resolve_dtype(dtype, self.device)
         self.batch_size = batch_size
         self.max_text_tokens = max_text_tokens
-        import curate.models.bridge  # noqa: F401  (registers the bridge filter's model type)
-        from curate.models.bridge.filter import MODEL_TYPE as BRIDGE_FILTER
-
+        kind = model_type(load, "ITM filter")
+        if kind != "blip":
+            raise load_error(
+                "ITM filter",
+                load,
+                ValueError(
+                    f"the ITM filter needs a BLIP retrieval model or a bridge filter, got model_type={kind!r}"
+                ),
+            )
         try:
-            config = transformers.AutoConfig.from_pretrained(load.model, **load.kwargs())
-            self.bridge = config.model_type == BRIDGE_FILTER
-            if self.bridge:
-                model = transformers.AutoModel.from_pretrained(load.model, **load.model_kwargs())
-                self.processor = None
-            elif config.model_type != "blip":
-                raise ValueError(
-                    f"the ITM filter needs a BLIP retrieval model, got model_type={config.model_type!r}"
-                )
-            else:
-                model = transformers.BlipForImageTextRetrieval.from_pretrained(
-                    load.model, **load.model_kwargs()
-                )
-                self.processor = transformers.AutoProcessor.from_pretrained(load.model, **load.kwargs())
+            model = transformers.BlipForImageTextRetrieval.from_pretrained(load.model, **load.model_kwargs())
+            self.processor = transformers.AutoProcessor.from_pretrained(load.model, **load.kwargs())
         except Exception as exc:
             raise load_error("ITM filter", load, exc) from exc
         self.model = move(model, self.device, self.dtype)
         self.revision = model_revision(self.model)
 
     @torch.inference_mode()
-    def __call__(self, images: list[Image.Image], texts: list[list[str]]) -> list[list[float]]:
-        if not images:
-            return []
-        if self.bridge:
-            return self.model.itm_scores(images, texts, batch_size=self.batch_size)
+    def _score(self, images: list[Image.Image], texts: list[list[str]]) -> Scores:
         pixel_values = self.processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
         pixel_values = pixel_values.to(self.device, self.dtype)
         image_embeds = self.model.vision_model(pixel_values=pixel_values).last_hidden_state
@@ -84,9 +86,4 @@ class ITMFilter:
             ).last_hidden_state
             logits = self.model.itm_head(hidden[:, 0, :]).float()
             scores.extend(torch.softmax(logits, dim=-1)[:, 1].tolist())
-        out: list[list[float]] = []
-        pos = 0
-        for ts in texts:
-            out.append(scores[pos : pos + len(ts)])
-            pos += len(ts)
-        return out
+        return {ITM_SCORE: split(scores, texts)}

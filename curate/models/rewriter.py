@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from curate.config import PACKAGED_PREFIX
+from curate.config import PACKAGED_PREFIX, RewriterConfig
 from curate.models.base import LoadOptions, load_error, model_revision, move, resolve_device, resolve_dtype
 
 log = logging.getLogger("curate.models")
@@ -256,3 +256,19 @@ class VLLMRewriter:
         # finish_reason 'length': the token budget ended it, not the model
         firsts = [o.outputs[0] for o in outs]
         return [Rewrite(text=c.text, truncated=c.finish_reason == "length") for c in firsts]
+
+
+def load_rewriter(cfg: RewriterConfig, settings: RewriteSettings, seed: int = 0) -> Rewriter | VLLMRewriter:
+    """The backend a pipeline's ``rewriter`` section names, behind the one call shape
+    ``rewriter(prompts, seed=...) -> [Rewrite]``."""
+    load = LoadOptions.of(cfg)
+    if cfg.backend == "vllm":
+        engine = VLLMEngineSettings(
+            tensor_parallel_size=cfg.tensor_parallel_size,
+            gpu_memory_utilization=cfg.gpu_memory_utilization,
+            max_num_seqs=cfg.max_num_seqs,
+            max_model_len=cfg.max_model_len,
+            enforce_eager=cfg.enforce_eager,
+        )
+        return VLLMRewriter(load, settings, engine, dtype=cfg.dtype, seed=seed)
+    return Rewriter(load, settings, device=cfg.device, dtype=cfg.dtype, batch_size=cfg.batch_size)

@@ -13,19 +13,15 @@ import json
 import logging
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import pyarrow as pa
 
 from curate.config import CaptionerConfig, FilterConfig, RankerConfig
-from curate.models import BRIDGE_FILTER_TYPE
+from curate.models import BRIDGE_FILTER_TYPE, CLIP_SCORE, ITM_SCORE
 from curate.schema import SOURCE_SYNTHETIC
 from curate.stages.decode import row_image
 from curate.stages.memory import release_free_memory
 from curate.stages.rows import fail, get_candidates, is_pending, set_candidates, to_rows, to_table
-
-if TYPE_CHECKING:
-    from curate.models.base import LoadOptions
 
 log = logging.getLogger("curate.stages")
 
@@ -37,17 +33,6 @@ def _quiet_transformers() -> None:
         hf_logging.disable_progress_bar()
     except Exception:  # pragma: no cover - cosmetic only
         pass
-
-
-def load_options(cfg: CaptionerConfig | FilterConfig | RankerConfig) -> LoadOptions:
-    from curate.models.base import LoadOptions
-
-    return LoadOptions(
-        model=cfg.model,
-        revision=cfg.revision,
-        trust_remote_code=cfg.trust_remote_code,
-        allow_pickle_weights=cfg.allow_pickle_weights,
-    )
 
 
 def batch_seed(seed: int, keys: list[str]) -> int:
@@ -102,24 +87,12 @@ class CaptionStage(_ModelStage):
 
     def __init__(self, cfg: CaptionerConfig, seed: int = 0, error_policy: str = "capture") -> None:
         super().__init__(error_policy, cfg.num_threads)
-        from curate.models.captioner import Captioner, GenerationSettings
+        from curate.models.captioner import load_captioner
 
         _quiet_transformers()
-        settings = GenerationSettings(
-            num_captions=cfg.num_captions,
-            decoding=cfg.decoding,
-            top_p=cfg.top_p,
-            temperature=cfg.temperature,
-            max_new_tokens=cfg.max_new_tokens,
-            min_new_tokens=cfg.min_new_tokens,
-            num_beams=cfg.num_beams,
-            repetition_penalty=cfg.repetition_penalty,
-            prompt=cfg.prompt,
-            dedupe=cfg.dedupe,
-        )
         self.seed = seed
         self.batch_size = cfg.batch_size
-        self.model = Captioner(load_options(cfg), settings, device=cfg.device, dtype=cfg.dtype)
+        self.model = load_captioner(cfg)
 
     def process(self, rows: list[dict]) -> None:
         for start in range(0, len(rows), self.batch_size):
@@ -140,16 +113,28 @@ class CaptionStage(_ModelStage):
 
 
 class _ScoreStage(_ModelStage):
-    field = "score"
+    """Fills the candidate ``fields`` its scorer gives, for every candidate of a sample."""
+
+    fields: tuple[str, ...] = ()
+
+    def __init__(self, cfg: FilterConfig | RankerConfig, error_policy: str = "capture") -> None:
+        super().__init__(error_policy, cfg.num_threads)
+        from curate.models.scorer import load_scorer
+
+        _quiet_transformers()
+        self.batch_size = cfg.batch_size
+        self.model = load_scorer(cfg, self.fields)
 
     def process(self, rows: list[dict]) -> None:
         for start in range(0, len(rows), self.batch_size):
             chunk = rows[start : start + self.batch_size]
             cands = [get_candidates(r) for r in chunk]
             scores = self.model([row_image(r) for r in chunk], [[c["text"] for c in cs] for cs in cands])
-            for row, cs, ss in zip(chunk, cands, scores):
-                for c, s in zip(cs, ss):
-                    c[self.field] = float(s)
+            for field, per_image in scores.items():
+                for cs, ss in zip(cands, per_image):
+                    for c, s in zip(cs, ss):
+                        c[field] = float(s)
+            for row, cs in zip(chunk, cands):
                 set_candidates(row, cs)
 
 
@@ -157,34 +142,14 @@ class FilterStage(_ScoreStage):
     """Scores every candidate with the ITM head (P(match))."""
 
     name = "filter"
-    field = "itm_score"
-
-    def __init__(self, cfg: FilterConfig, error_policy: str = "capture") -> None:
-        super().__init__(error_policy, cfg.num_threads)
-        from curate.models.itm import ITMFilter
-
-        _quiet_transformers()
-        self.batch_size = cfg.batch_size
-        self.model = ITMFilter(
-            load_options(cfg), device=cfg.device, dtype=cfg.dtype, batch_size=cfg.batch_size
-        )
+    fields = (ITM_SCORE,)
 
 
 class RankStage(_ScoreStage):
     """Scores every candidate with CLIP cosine similarity."""
 
     name = "ranker"
-    field = "clip_score"
-
-    def __init__(self, cfg: RankerConfig, error_policy: str = "capture") -> None:
-        super().__init__(error_policy, cfg.num_threads)
-        from curate.models.clip import ClipRanker
-
-        _quiet_transformers()
-        self.batch_size = cfg.batch_size
-        self.model = ClipRanker(
-            load_options(cfg), device=cfg.device, dtype=cfg.dtype, batch_size=cfg.batch_size
-        )
+    fields = (CLIP_SCORE,)
 
 
 def fused_scoring(filter_cfg: FilterConfig | None, ranker_cfg: RankerConfig | None) -> bool:
@@ -202,33 +167,9 @@ def fused_scoring(filter_cfg: FilterConfig | None, ranker_cfg: RankerConfig | No
         return False
 
 
-class ScoreStage(_ModelStage):
+class ScoreStage(_ScoreStage):
     """Filter and ranker in one actor for a bridge filter: ``itm_score`` and ``clip_score``
     from one pass (the filter section's batch size and resources apply)."""
 
     name = "filter+ranker"
-
-    def __init__(self, cfg: FilterConfig, error_policy: str = "capture") -> None:
-        super().__init__(error_policy, cfg.num_threads)
-        from curate.models.itm import ITMFilter
-
-        _quiet_transformers()
-        self.batch_size = cfg.batch_size
-        self.model = ITMFilter(
-            load_options(cfg), device=cfg.device, dtype=cfg.dtype, batch_size=cfg.batch_size
-        )
-        if not self.model.bridge:
-            raise ValueError(f"{cfg.model}: fused scoring needs a bridge filter")
-
-    def process(self, rows: list[dict]) -> None:
-        for start in range(0, len(rows), self.batch_size):
-            chunk = rows[start : start + self.batch_size]
-            cands = [get_candidates(r) for r in chunk]
-            itm, itc = self.model.model.itm_itc_scores(
-                [row_image(r) for r in chunk], [[c["text"] for c in cs] for cs in cands], self.batch_size
-            )
-            for row, cs, ms, rs in zip(chunk, cands, itm, itc):
-                for c, m, r in zip(cs, ms, rs):
-                    c["itm_score"] = float(m)
-                    c["clip_score"] = float(r)
-                set_candidates(row, cs)
+    fields = (ITM_SCORE, CLIP_SCORE)

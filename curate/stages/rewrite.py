@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from curate.config import RewriterConfig
 from curate.schema import SOURCE_KALE, SOURCE_SYNTHETIC
-from curate.stages.models import _ModelStage, _quiet_transformers, batch_seed, load_options
+from curate.stages.models import _ModelStage, _quiet_transformers, batch_seed
 from curate.stages.rows import get_candidates, set_candidates
 
 KALE_ACCEPTED = "accepted"
@@ -176,12 +176,7 @@ class RewriteStage(_ModelStage):
 
     def __init__(self, cfg: RewriterConfig, seed: int = 0, error_policy: str = "capture") -> None:
         super().__init__(error_policy, cfg.num_threads)
-        from curate.models.rewriter import (
-            Rewriter,
-            RewriteSettings,
-            VLLMEngineSettings,
-            VLLMRewriter,
-        )
+        from curate.models.rewriter import RewriteSettings, load_rewriter
 
         _quiet_transformers()
         self.cfg = cfg
@@ -201,19 +196,7 @@ class RewriteStage(_ModelStage):
             top_p=cfg.top_p,
             repetition_penalty=cfg.repetition_penalty,
         )
-        if cfg.backend == "vllm":
-            engine = VLLMEngineSettings(
-                tensor_parallel_size=cfg.tensor_parallel_size,
-                gpu_memory_utilization=cfg.gpu_memory_utilization,
-                max_num_seqs=cfg.max_num_seqs,
-                max_model_len=cfg.max_model_len,
-                enforce_eager=cfg.enforce_eager,
-            )
-            self.model = VLLMRewriter(load_options(cfg), settings, engine, dtype=cfg.dtype, seed=seed)
-        else:
-            self.model = Rewriter(
-                load_options(cfg), settings, device=cfg.device, dtype=cfg.dtype, batch_size=cfg.batch_size
-            )
+        self.model = load_rewriter(cfg, settings, seed=seed)
 
     def process(self, rows: list[dict]) -> None:
         cfg = self.cfg

@@ -2,16 +2,22 @@ from __future__ import annotations
 
 import copy
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
 
+from curate.models import CLIP_SCORE, ITM_SCORE
 from curate.models.base import DeviceError, LoadOptions, resolve_device, resolve_dtype
-from curate.models.captioner import Captioner, GenerationSettings
+from curate.models.captioner import Captioner, GenerationSettings, HFCaptioner, open_captioner
 from curate.models.clip import ClipRanker
 from curate.models.itm import ITMFilter
+from curate.models.scorer import BridgeScorer, open_scorer
 from tests.helpers import noise_image
+
+REPO = Path(__file__).resolve().parents[2]
+BRIDGE_FILTER = REPO / "pipelines" / "models" / "bridge-filter"
 
 
 def flat(nested: list[list[float]]) -> list[float]:
@@ -37,7 +43,9 @@ def images() -> list[Image.Image]:
 
 @pytest.fixture(scope="module")
 def loaded_captioner(tiny_models) -> Captioner:
-    return Captioner(LoadOptions(str(tiny_models["captioner"])), GenerationSettings(), device="cpu")
+    model = open_captioner(LoadOptions(str(tiny_models["captioner"])), GenerationSettings(), device="cpu")
+    assert isinstance(model, HFCaptioner)  # a BLIP directory: the transformers implementation
+    return model
 
 
 @pytest.fixture
@@ -122,7 +130,7 @@ def test_prompt_is_stripped_from_outputs(captioner, images):
 
 
 def test_bf16_on_cpu(tiny_models, images):
-    model = Captioner(
+    model = open_captioner(
         LoadOptions(str(tiny_models["captioner"])),
         GenerationSettings(num_captions=2, max_new_tokens=6),
         device="cpu",
@@ -140,7 +148,7 @@ def test_empty_batch(captioner):
 @no_cuda
 def test_cuda_without_cuda_is_a_device_error(tiny_models):
     with pytest.raises(DeviceError, match="sees no CUDA device"):
-        Captioner(LoadOptions(str(tiny_models["captioner"])), device="cuda")
+        open_captioner(LoadOptions(str(tiny_models["captioner"])), device="cuda")
     with pytest.raises(DeviceError, match="sees no CUDA device"):
         ITMFilter(LoadOptions(str(tiny_models["itm"])), device="cuda")
     with pytest.raises(DeviceError, match="sees no CUDA device"):
@@ -168,11 +176,11 @@ TEXTS = [
 
 
 def test_itm_probabilities_and_nesting(itm, images):
-    scores = itm(images, TEXTS)
+    scores = itm(images, TEXTS)[ITM_SCORE]
     assert [len(s) for s in scores] == [2, 0, 3]
     assert all(0.0 <= p <= 1.0 for s in scores for p in s)
-    assert itm([], []) == []
-    assert itm(images[:1], [[]]) == [[]]
+    assert itm([], []) == {ITM_SCORE: []}
+    assert itm(images[:1], [[]]) == {ITM_SCORE: [[]]}
 
 
 @pytest.fixture(scope="module")
@@ -208,7 +216,7 @@ def test_itm_equals_blip_forward_with_itm_head(sighted_itm_dir, images):
     processor = BlipProcessor.from_pretrained(str(sighted_itm_dir))
     texts = [*TEXTS, ["a red car on the street"]]
     imgs = [*images, images[1]]
-    scores = itm(imgs, texts)
+    scores = itm(imgs, texts)[ITM_SCORE]
     # the check below can tell the images apart: a mix-up of pairs would show
     same_text = [scores[0][0], scores[3][0]]
     assert abs(same_text[0] - same_text[1]) > 20 * TOL
@@ -222,8 +230,8 @@ def test_itm_equals_blip_forward_with_itm_head(sighted_itm_dir, images):
 
 def test_itm_scores_do_not_depend_on_batching(tiny_models, itm, images):
     one_by_one = ITMFilter(LoadOptions(str(tiny_models["itm"])), device="cpu", batch_size=1)
-    expected = one_by_one(images, TEXTS)
-    got = itm(images, TEXTS)
+    expected = one_by_one(images, TEXTS)[ITM_SCORE]
+    got = itm(images, TEXTS)[ITM_SCORE]
     assert [len(s) for s in got] == [len(s) for s in expected]
     assert flat(got) == pytest.approx(flat(expected), abs=1e-5)
 
@@ -238,7 +246,7 @@ def test_clip_equals_manual_cosine_similarity(tiny_models, clip, images):
     model = CLIPModel.from_pretrained(str(tiny_models["clip"])).eval()
     tokenizer = AutoTokenizer.from_pretrained(str(tiny_models["clip"]))
     image_processor = CLIPImageProcessor.from_pretrained(str(tiny_models["clip"]))
-    scores = clip(images, TEXTS)
+    scores = clip(images, TEXTS)[CLIP_SCORE]
     assert [len(s) for s in scores] == [2, 0, 3]
     for image, texts, got in zip(images, TEXTS, scores):
         if not texts:
@@ -255,8 +263,8 @@ def test_clip_equals_manual_cosine_similarity(tiny_models, clip, images):
 
 
 def test_clip_edge_cases(clip, images):
-    assert clip([], []) == []
-    assert clip(images[:2], [[], []]) == [[], []]
+    assert clip([], []) == {CLIP_SCORE: []}
+    assert clip(images[:2], [[], []]) == {CLIP_SCORE: [[], []]}
 
 
 # -- safe loading --------------------------------------------------------------------------------
@@ -285,13 +293,16 @@ def test_pickled_weights_are_refused_by_default(pickled_itm_dir):
 
 def test_pickled_weights_load_when_allowed(pickled_itm_dir, itm, images):
     allowed = ITMFilter(LoadOptions(str(pickled_itm_dir), allow_pickle_weights=True), device="cpu")
-    assert flat(allowed(images, TEXTS)) == pytest.approx(flat(itm(images, TEXTS)), abs=1e-6)
+    assert flat(allowed(images, TEXTS)[ITM_SCORE]) == pytest.approx(
+        flat(itm(images, TEXTS)[ITM_SCORE]), abs=1e-6
+    )
 
 
 def test_clip_ranker_falls_back_to_the_pil_image_processor(tiny_models, images, monkeypatch):
     import transformers
 
     expected = ClipRanker(LoadOptions(str(tiny_models["clip"])), device="cpu")(images[:2], [["a"], ["b c"]])
+    expected = expected[CLIP_SCORE]
 
     def torchvision_only(*args, **kwargs):  # transformers 5.17 without torchvision (not installable here)
         raise ImportError("AutoImageProcessor requires the Torchvision library")
@@ -299,4 +310,37 @@ def test_clip_ranker_falls_back_to_the_pil_image_processor(tiny_models, images, 
     monkeypatch.setattr(transformers.AutoImageProcessor, "from_pretrained", torchvision_only)
     ranker = ClipRanker(LoadOptions(str(tiny_models["clip"])), device="cpu")
     assert type(ranker.image_processor).__name__ == "CLIPImageProcessorPil"
-    assert flat(ranker(images[:2], [["a"], ["b c"]])) == pytest.approx(flat(expected))
+    assert flat(ranker(images[:2], [["a"], ["b c"]])[CLIP_SCORE]) == pytest.approx(flat(expected))
+
+
+# -- one loader per role -------------------------------------------------------------------------
+
+
+def test_open_scorer_picks_the_implementation_by_model_type(tiny_models):
+    assert type(open_scorer(LoadOptions(str(tiny_models["itm"])), (ITM_SCORE,), device="cpu")) is ITMFilter
+    assert type(open_scorer(LoadOptions(str(tiny_models["clip"])), (CLIP_SCORE,), device="cpu")) is ClipRanker
+    bridge = open_scorer(LoadOptions(str(BRIDGE_FILTER)), (ITM_SCORE, CLIP_SCORE), device="cpu")
+    assert type(bridge) is BridgeScorer and bridge.fields == (ITM_SCORE, CLIP_SCORE)
+
+
+def test_a_role_the_model_cannot_fill_is_a_clear_error(tiny_models):
+    with pytest.raises(RuntimeError, match="ITM filter needs a BLIP retrieval model or a bridge filter"):
+        open_scorer(LoadOptions(str(tiny_models["clip"])), (ITM_SCORE,), device="cpu")
+    with pytest.raises(ValueError, match="in one pass needs a bridge filter"):
+        open_scorer(LoadOptions(str(tiny_models["itm"])), (ITM_SCORE, CLIP_SCORE), device="cpu")
+    with pytest.raises(RuntimeError, match="cannot load scorer from '/no/such/model'"):
+        open_scorer(LoadOptions("/no/such/model"), (ITM_SCORE,), device="cpu")
+
+
+def test_bridge_scorer_fused_scores_are_each_heads_own(images):
+    """Asked for both fields, the bridge encodes each image and text once; the scores are
+    what a scorer of each field alone gives."""
+    texts = [["a red car", "a dog"], [], ["a bird in a tree", "a logo", "two people on a beach"]]
+    load = LoadOptions(str(BRIDGE_FILTER))
+    both = open_scorer(load, (ITM_SCORE, CLIP_SCORE), device="cpu", batch_size=2)(images, texts)
+    for field in (ITM_SCORE, CLIP_SCORE):
+        alone = open_scorer(load, (field,), device="cpu", batch_size=2)(images, texts)
+        assert list(alone) == [field]
+        assert [len(s) for s in both[field]] == [2, 0, 3]
+        assert flat(both[field]) == pytest.approx(flat(alone[field]), abs=1e-5)
+    assert len(set(flat(both[ITM_SCORE]))) > 1  # real scores, not one constant

@@ -17,7 +17,7 @@ import torch
 from curate.models.base import LoadOptions
 from curate.models.bridge import BridgeCaptionerConfig, BridgeCaptionerModel
 from curate.models.bridge.captioner import caption_target
-from curate.models.captioner import Captioner, GenerationSettings
+from curate.models.captioner import BridgeCaptioner, GenerationSettings, open_captioner
 from tests.helpers import make_shard, noise_image, tiny_llama
 from train.cider import cider_d, cider_d_per_image, tokenize
 
@@ -199,7 +199,8 @@ def test_pipeline_captioner_loads_a_saved_bridge(tiny_lm, tmp_path):
     tiny_model(tiny_lm).save_pretrained(tmp_path / "bridge")
     images = [noise_image(50, 40, seed=1), noise_image(30, 60, seed=2)]
     settings = GenerationSettings(num_captions=3, max_new_tokens=5, dedupe=False)
-    captioner = Captioner(LoadOptions(str(tmp_path / "bridge")), settings, device="cpu")
+    captioner = open_captioner(LoadOptions(str(tmp_path / "bridge")), settings, device="cpu")
+    assert isinstance(captioner, BridgeCaptioner)
     out = captioner(images, seed=0)
     assert len(out) == 2 and all(len(caps) <= 3 for caps in out)
     assert captioner(images, seed=0) == out

@@ -15,10 +15,10 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from curate.models import CLIP_SCORE, ITM_SCORE
 from curate.models.base import LoadOptions
 from curate.models.bridge import BridgeFilterConfig, BridgeFilterModel, backbones
-from curate.models.clip import ClipRanker
-from curate.models.itm import ITMFilter
+from curate.models.scorer import open_scorer
 from tests.helpers import make_shard, noise_image
 from train import common, data, features
 from train.losses import FilterLoss, ITCLoss, ITMLoss, mine_hard_negatives
@@ -387,14 +387,14 @@ def test_pipeline_wrappers_load_a_saved_bridge(saved_bridge):
     model = BridgeFilterModel.from_pretrained(str(saved_bridge), use_safetensors=True).eval()
     images = [noise_image(40, 30, seed=1), noise_image(24, 48, seed=2)]
     texts = [["a frog", "a dog", "tux"], ["a bird"]]
-    itm = ITMFilter(LoadOptions(str(saved_bridge)), device="cpu", batch_size=2)
-    scores = itm(images, texts)
+    itm = open_scorer(LoadOptions(str(saved_bridge)), (ITM_SCORE,), device="cpu", batch_size=2)
+    scores = itm(images, texts)[ITM_SCORE]
     assert [len(s) for s in scores] == [3, 1]
     assert np.allclose(flat(scores), flat(model.itm_scores(images, texts)), atol=1e-5)
-    ranker = ClipRanker(LoadOptions(str(saved_bridge)), device="cpu", batch_size=2)
-    cos = ranker(images, texts)
+    ranker = open_scorer(LoadOptions(str(saved_bridge)), (CLIP_SCORE,), device="cpu", batch_size=2)
+    cos = ranker(images, texts)[CLIP_SCORE]
     assert np.allclose(flat(cos), flat(model.itc_scores(images, texts)), atol=1e-5)
-    assert itm([], []) == [] and ranker(images, [[], []]) == [[], []]
+    assert itm([], []) == {ITM_SCORE: []} and ranker(images, [[], []]) == {CLIP_SCORE: [[], []]}
 
 
 def test_pipeline_wrappers_refuse_pickle_only_bridge(tmp_path, saved_bridge):
@@ -403,9 +403,9 @@ def test_pipeline_wrappers_refuse_pickle_only_bridge(tmp_path, saved_bridge):
     (tmp_path / "config.json").write_text((saved_bridge / "config.json").read_text())
     torch.save(load_file(str(saved_bridge / "model.safetensors")), tmp_path / "pytorch_model.bin")
     with pytest.raises(RuntimeError, match="safetensors"):
-        ITMFilter(LoadOptions(str(tmp_path)), device="cpu")
+        open_scorer(LoadOptions(str(tmp_path)), (ITM_SCORE,), device="cpu")
     with pytest.raises(RuntimeError, match="safetensors"):
-        ClipRanker(LoadOptions(str(tmp_path)), device="cpu")
+        open_scorer(LoadOptions(str(tmp_path)), (CLIP_SCORE,), device="cpu")
 
 
 def test_fused_score_stage_writes_the_scores_of_filter_then_ranker(saved_bridge, tmp_path):
