@@ -98,13 +98,25 @@ SAMPLES_SCHEMA = pa.schema(
     ]
 )
 
-# Rows travel between pipeline stages with this schema. ``candidates`` is JSON text
-# there (schema-free while stages add fields); the writer turns it into the typed list.
+# Rows travel between pipeline stages with this schema. ``candidates`` is a typed list
+# there too, so no stage parses or re-dumps it: the output's fields with the scores in
+# float64, as the models give them, so the policy compares and sorts exactly what was
+# computed (``kept`` is null until the policy decides); the writer casts to CANDIDATE_TYPE.
 # ``image`` holds the original bytes; ``pixels`` the decoded RGB (uint8, row-major,
 # downscaled to the decode stage's ``max_side``) with its shape in ``pixels_width`` and
 # ``pixels_height``; ``width``/``height`` stay the original image size.
 ROW_SAMPLE = "sample"
 ROW_SHARD_END = "shard_end"
+
+INTERNAL_CANDIDATE_TYPE = pa.struct(
+    [
+        pa.field("text", pa.string()),
+        pa.field("source", pa.string()),
+        pa.field("itm_score", pa.float64()),
+        pa.field("clip_score", pa.float64()),
+        pa.field("kept", pa.bool_()),
+    ]
+)
 
 INTERNAL_SCHEMA = pa.schema(
     [
@@ -120,7 +132,7 @@ INTERNAL_SCHEMA = pa.schema(
         pa.field("height", pa.int32()),
         pa.field("caption", pa.string()),
         pa.field("captions", pa.list_(pa.string())),
-        pa.field("candidates", pa.string()),
+        pa.field("candidates", pa.list_(INTERNAL_CANDIDATE_TYPE)),
         pa.field("url", pa.string()),
         pa.field("image_ext", pa.string()),
         pa.field("image_sha256", pa.string()),

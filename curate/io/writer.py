@@ -112,11 +112,10 @@ def done_shards(output: str) -> set[str]:
     return names
 
 
-def _output_candidates(raw: str | list | None) -> list[dict]:
-    if not raw:
-        return []
+def _output_candidates(candidates: list[dict] | None) -> list[dict]:
+    """A row's candidates in the output's fields; ``kept`` is false where no policy decided."""
     out = []
-    for c in json.loads(raw) if isinstance(raw, str) else raw:
+    for c in candidates or []:
         out.append(
             {
                 "text": c.get("text"),
@@ -144,8 +143,7 @@ def output_row(row: dict) -> dict:
 def tar_members(row: dict) -> list[tuple[str, bytes]]:
     """Curated WebDataset members for a kept sample, readable by webdataset as is.
 
-    ``row`` is an internal row or a samples row (candidates as JSON text or as dicts) with
-    its ``image`` bytes.
+    ``row`` is an internal row or a samples row with its ``image`` bytes.
     """
     key = sanitize_key(row["key"])
     candidates = [c for c in _output_candidates(row.get("candidates")) if c["kept"]]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from typing import Any
 
@@ -33,11 +32,12 @@ def is_pending(row: dict) -> bool:
 
 
 def get_candidates(row: dict) -> list[dict]:
-    return json.loads(row["candidates"]) if row.get("candidates") else []
+    """The row's candidates (``INTERNAL_CANDIDATE_TYPE`` dicts) to read or edit in place."""
+    return row.get("candidates") or []
 
 
 def set_candidates(row: dict, candidates: list[dict]) -> None:
-    row["candidates"] = json.dumps(candidates, ensure_ascii=False)
+    row["candidates"] = candidates
 
 
 def fail(row: dict, message: str) -> None:

@@ -50,8 +50,6 @@ def sample(shard: ShardRef, seq: int, key: str, status: str, **fields) -> dict:
     row = empty_row()
     row.update(row_type=ROW_SAMPLE, key=key, shard=shard.name, seq=seq, status=status, source_url=shard.url)
     row.update(fields)
-    if isinstance(row.get("candidates"), list):
-        row["candidates"] = json.dumps(row["candidates"])
     return row
 
 

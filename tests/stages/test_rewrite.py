@@ -447,7 +447,9 @@ def test_stage_adds_a_kale_candidate_and_skips_what_it_cannot_rewrite(lms):
         "accepted",
     ]
     kale = [c for c in get_candidates(out[0]) if c["source"] == SOURCE_KALE]
-    assert kale == [{"text": "cat", "source": SOURCE_KALE, "itm_score": None, "clip_score": None}]
+    assert kale == [
+        {"text": "cat", "source": SOURCE_KALE, "itm_score": None, "clip_score": None, "kept": None}
+    ]
     assert [c["source"] for c in get_candidates(out[1])] == [SOURCE_SYNTHETIC]
 
 

@@ -439,17 +439,17 @@ def test_fused_score_stage_writes_the_scores_of_filter_then_ranker(saved_bridge,
     rows = [r for b in read_shard(ShardRef(url=str(shard), name="00000"), batch_size=8) for r in b]
     rows = decode_rows([r for r in rows if r["row_type"] == "sample"], DecodeConfig())
     for row in rows:  # a second candidate besides the alt-text where there is one
-        cands = json.loads(row["candidates"]) if row.get("candidates") else []
+        cands = row["candidates"] or []
         cands += [{"text": "a dog", "source": "synthetic", "itm_score": None, "clip_score": None}] * bool(
             cands
         )
-        row["candidates"] = json.dumps(cands)
+        row["candidates"] = cands
     separate = RankStage(ranker_cfg, error_policy="raise")(
         FilterStage(filter_cfg, error_policy="raise")(to_table(rows))
     )
     fused = ScoreStage(filter_cfg, error_policy="raise")(to_table(rows))
-    a = [json.loads(c) for c in separate.column("candidates").to_pylist()]
-    b = [json.loads(c) for c in fused.column("candidates").to_pylist()]
+    a = separate.column("candidates").to_pylist()
+    b = fused.column("candidates").to_pylist()
     assert [len(c) for c in b] == [2, 2, 0]
     for ca, cb in zip(a, b):
         for x, y in zip(ca, cb):
