@@ -4,6 +4,7 @@ that resuming ends with the same rows as an uninterrupted run."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -144,7 +145,10 @@ def test_sigkill_driver_then_resume(kill_after, pipeline_file, shards, clean_row
     log, _ = again.communicate(timeout=600)
     _kill_ray_leftovers(resume_tmp)
     assert again.returncode == 0, log[-3000:]
-    assert f"{finished_before} already done" in log or finished_before == N_SHARDS, log[-2000:]
+    # a commit task already running when the driver died can still finish before its Ray
+    # is stopped: at least the shards done before the kill are skipped, never redone
+    skipped = re.search(r"(\d+) already done", log)
+    assert finished_before == N_SHARDS or (skipped and int(skipped.group(1)) >= finished_before), log[-2000:]
     assert _rows(out) == clean_rows
     assert not [p for p in out.rglob("*") if ".tmp-" in p.name]
 
