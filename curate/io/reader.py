@@ -422,3 +422,18 @@ def iter_shard_rows(shards: list[ShardRef], batch_size: int = 32) -> Iterator[di
     return itertools.chain.from_iterable(
         itertools.chain.from_iterable(read_shard(s, batch_size) for s in shards)
     )
+
+
+def iter_samples(shard: str | ShardRef) -> Iterator[dict]:
+    """Every sample of one shard as a row (``sample_row``), in tar order: the reader outside the pipeline.
+
+    Training and evaluation read shards the way curation does (the same key rule, image
+    extensions and per-sample checks): ``key``, ``image`` bytes and ``image_ext``,
+    ``alt_text``, ``meta`` (the ``KEY.json`` text), ``url``, and ``status``/``error`` for a
+    sample with a problem. No download log, no ``shard_end`` row: a fault of the tar stream
+    raises after the samples before it (the sample it cut off comes as an ``error`` row).
+    """
+    ref = shard if isinstance(shard, ShardRef) else shard_refs([shard])[0]
+    with fsspec.open(ref.url, "rb") as fileobj:
+        for seq, (key, files, problems) in enumerate(iter_tar_groups(fileobj)):
+            yield sample_row(key, files, problems, ref, seq)
