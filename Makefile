@@ -65,7 +65,7 @@ experiment: experiment-data
 KALE_WEB ?= data/kale-web
 kale-data: setup
 	test -f $(EXP_WEB)/_fetch_report.json || $(BIN)/curate data fetch openclipart --output $(EXP_WEB)
-	$(BIN)/python -c "from train.websubset import write_subset; write_subset(['$(EXP_WEB)/*.tar'], 120, '$(KALE_WEB)')"
+	$(BIN)/python -c "from train.lib.websubset import write_subset; write_subset(['$(EXP_WEB)/*.tar'], 120, '$(KALE_WEB)')"
 
 kale: kale-data
 	$(BIN)/curate run pipelines/kale.yaml --input '$(KALE_WEB)/*.tar' --output $(CURDIR)/out/kale

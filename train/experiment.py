@@ -6,7 +6,7 @@ tuxpaint``, test split):
 
     python -m train.experiment            # or: make experiment
 
-1. ``--per-shard`` samples spread over every web shard (``train.websubset``) are the web
+1. ``--per-shard`` samples spread over every web shard (``train.lib.websubset``) are the web
    set; all arms start from exactly these images.
 2. Two curation runs over them (``curate run``; resumable, a finished run is reused):
    CapFilt (``pipelines/capfilt_cpu.yaml``: a synthetic caption, the ITM filter drops
@@ -15,8 +15,8 @@ tuxpaint``, test split):
    pass ``--capfilt pipelines/capfilt.yaml --blip2 pipelines/blip2.yaml``.
 3. Arms: ``raw`` (the web shards, alt-text as is), ``capfilt`` and ``blip2`` (the runs'
    ``OUT/shards``, one kept caption drawn per step). Each arm trains the downstream
-   CLIP-style model (``train.train_clip``, Ray Train) for the same number of steps of the
-   same batch size (the same samples seen) with each of ``--seeds``.
+   CLIP-style model (``python -m train.train_clip``, Ray Train) for the same number of
+   steps of the same batch size (the same samples seen) with each of ``--seeds``.
 4. Every model is evaluated on the tuxpaint test split: recall@1/5/10 both ways and
    zero-shot accuracy over its top-level categories. ``WORK/results.md`` (Markdown table,
    mean +- standard deviation over seeds), ``WORK/results.json`` and ``WORK/results.png``.
@@ -65,12 +65,11 @@ def curate(pipeline: str, inputs: Sequence[Path], output: Path, extra: Sequence[
 
 def arm_stats(shards: Sequence[str]) -> dict:
     """Samples, captions per sample, distinct captions and mean words of an arm's training data."""
-    from train.data import iter_pairs
-    from train.feature_shards import sample_captions
+    from train.lib.data import iter_pairs, sample_captions
 
     samples, captions, distinct, words = 0, 0, set(), 0
     for pair in iter_pairs(shards, on_error="ignore", max_side=64):
-        caps = sample_captions(pair)
+        caps = sample_captions(pair.meta, pair.caption)
         samples += 1
         captions += len(caps)
         distinct.update(" ".join(c.lower().split()) for c in caps)
@@ -162,10 +161,27 @@ def plot(summary: dict, path: Path) -> Path:
     return path
 
 
+def train_clip(
+    args: argparse.Namespace, shards: list[str], eval_shards: list[str], arm: str, seed: int, work: Path
+):
+    """``python -m train.train_clip`` on one arm with one seed; its ``result.json``."""
+    run_dir = work / "runs" / f"clip-{arm}-seed{seed}"
+    cmd = [sys.executable, "-m", "train.train_clip", *(a for s in shards for a in ("--train", s))]
+    cmd += [a for s in eval_shards for a in ("--eval", s)]
+    cmd += [
+        "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--seed", str(seed),
+        "--workers", str(args.workers), "--device", args.device, "--log-every", str(max(1, args.steps // 4)),
+        "--run-dir", str(run_dir), "--output", str(work / "models" / f"clip-{arm}-seed{seed}"),
+    ]  # fmt: skip
+    log.info("training: %s", " ".join(cmd))
+    subprocess.run(cmd, check=True)
+    return json.loads((run_dir / "result.json").read_text())
+
+
 def run_captioner(args: argparse.Namespace, arm_shards: list[str], work: Path) -> dict:
     """Retrain the bridge captioner on seed + curated data; CIDEr-D next to the seed-only model."""
-    from train.data import list_shards
-    from train.evaluate_captioner import evaluate_captioner
+    from train.lib.data import list_shards
+    from train.lib.evaluation import evaluate_captioner
 
     seed_train = list_shards(str(Path(args.tuxpaint) / "train"))
     output = work / f"captioner-{args.captioner_arm}"
@@ -213,10 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from train.common import setup_logging
-    from train.data import list_shards
-    from train.train_clip import ClipHparams, train
-    from train.websubset import write_subset
+    from train.lib.data import list_shards
+    from train.lib.launch import setup_logging
+    from train.lib.websubset import write_subset
 
     setup_logging()
     args = build_parser().parse_args(argv)
@@ -237,18 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, list[dict]] = {}
     for arm in args.arms:
         for seed in args.seeds:
-            hp = ClipHparams(steps=args.steps, batch_size=args.batch_size, seed=seed)
-            run = train(
-                shards[arm],
-                eval_shards,
-                hp,
-                run_dir=work / "runs" / f"clip-{arm}-seed{seed}",
-                output=work / "models" / f"clip-{arm}-seed{seed}",
-                workers=args.workers,
-                device=args.device,
-                name=f"clip-{arm}-seed{seed}",
-                log_every=max(1, args.steps // 4),
-            )
+            run = train_clip(args, shards[arm], eval_shards, arm, seed, work)
             log.info("%s seed %d: %s", arm, seed, json.dumps(run["eval"]))
             results.setdefault(arm, []).append(run["eval"])
     captioner = None

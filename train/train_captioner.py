@@ -2,7 +2,7 @@
 
 Only the bridge (a few million parameters) learns, with the language-modelling loss on
 the caption tokens; the image tokens of the frozen encoder are computed once per split
-and cached (``train.features``), so an epoch costs the LM's forward and backward only.
+and cached (``train.lib.features``), so an epoch costs the LM's forward and backward only.
 Default data: the human-captioned tuxpaint stamps (``data/tuxpaint/{train,val}``).
 ``--train-shards`` trains the same family on any img2dataset-layout tars whose ``.txt``
 is the target caption, e.g. a curation run's ``OUT/shards/*.tar`` (KALE stage 2; with
@@ -38,28 +38,27 @@ import argparse
 import json
 import logging
 import math
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from curate.io.files import atomic_path
-from train.common import (
-    Hyperparams,
-    MetricsLogger,
-    latest_checkpoint,
-    launch,
-    load_checkpoint,
+from train.lib.checkpoint import Hyperparams, latest_checkpoint, load_checkpoint, save_checkpoint
+from train.lib.launch import (
+    add_launch_args,
+    launch_from_args,
     prepare_model,
+    prepare_run_dir,
     report,
-    save_checkpoint,
     seed_everything,
     setup_logging,
     shard_indices,
     worker_info,
 )
+from train.lib.metrics import MetricsLogger
+from train.lib.models import save_pretrained
+from train.lib.optim import autocast, warmup_cosine
 
 log = logging.getLogger("train.captioner")
 
@@ -172,13 +171,6 @@ def length_batches(indices: list[int], lengths: list[int], batch_size: int, seed
     return [batches[i] for i in order]
 
 
-def autocast(device: torch.device, amp: str):
-    """bf16 autocast of the frozen LM's matmuls, or a no-op."""
-    if amp not in ("none", "bf16"):
-        raise ValueError(f"amp must be none or bf16, got {amp!r}")
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp == "bf16")
-
-
 @torch.no_grad()
 def val_loss(model, feats, batch_size: int, device: torch.device, amp: str = "none") -> float:
     """Token-weighted LM loss over the whole split, dropout off."""
@@ -194,21 +186,10 @@ def val_loss(model, feats, batch_size: int, device: torch.device, amp: str = "no
     return total / max(tokens, 1)
 
 
-def save_bridge(model, output: str | Path, dtype: str = "fp16") -> Path:
-    """``save_pretrained`` of the bridge alone (temp dir, then rename): config.json + model.safetensors."""
-    output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    cast = torch.float16 if dtype == "fp16" else torch.float32
-    state = {k: v.detach().to("cpu", cast).contiguous() for k, v in model.state_dict().items()}
-    with atomic_path(output) as tmp:
-        model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
-    return output
-
-
 def train_loop(config: dict) -> dict:
     """One Ray Train worker (or the only process with ``--workers 0``)."""
-    from train.evaluate_captioner import caption_features, score_captions
-    from train.features import load_features
+    from train.lib.evaluation import caption_features, score_captions
+    from train.lib.features import load_features
 
     setup_logging()
     hp = CaptionerHparams.from_dict(config["hparams"])
@@ -237,13 +218,10 @@ def train_loop(config: dict) -> dict:
         steps_per_epoch = min(steps_per_epoch, hp.max_steps_per_epoch)
     total_steps = max(1, steps_per_epoch * hp.epochs)
 
-    def lr_lambda(step: int) -> float:  # linear warmup, cosine decay to 10%
-        if step < hp.warmup_steps:
-            return (step + 1) / hp.warmup_steps
-        progress = min(1.0, (step - hp.warmup_steps) / max(1, total_steps - hp.warmup_steps))
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
+    # linear warmup, cosine decay to 10%
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: warmup_cosine(s, hp.warmup_steps, total_steps, 0.1)
+    )
     start_epoch = 0
     ckpt_dir = run_dir / "checkpoints"
     if config.get("resume") and (ckpt := latest_checkpoint(ckpt_dir)) is not None:
@@ -310,7 +288,7 @@ def train_loop(config: dict) -> dict:
         report(last, info)
 
     if info.is_main:
-        path = save_bridge(bare, config["output"], config.get("save_dtype", "fp16"))
+        path = save_pretrained(bare, config["output"], dtype=config.get("save_dtype", "fp16"))
         log.info("saved %s (%d trainable parameters)", path, bare.num_trainable_parameters())
     return last
 
@@ -336,20 +314,14 @@ def main(argv: list[str] | None = None) -> dict:
     add("--cache-dir", default=None, help="frozen-feature cache (default ~/.cache/curate)")
     # output
     add("--output", required=True, help="save_pretrained directory of the trained bridge")
-    add("--run-dir", default=None, help="checkpoints, metrics.jsonl, Ray (default .cache/runs/NAME)")
-    add("--resume", action="store_true", help="continue from the newest checkpoint in run dir")
     add("--save-dtype", choices=["fp16", "fp32"], default="fp16", help="dtype of the saved file")
     add(
         "--init-from",
         default=None,
         help="saved bridge to fine-tune from (its architecture is used), e.g. the seed captioner",
     )
-    # compute
-    add("--device", choices=["auto", "cpu", "cuda"], default="cpu", help="worker device")
-    add("--workers", type=int, default=1, help="Ray Train workers (0: this process, no Ray)")
-    add("--cpus-per-worker", type=float, default=1.0, help="Ray CPUs per worker")
-    add("--threads", type=int, default=None, help="torch threads per worker")
-    add("--ray-address", default=None, help="join this Ray cluster (default: local Ray)")
+    # compute, run dir
+    add_launch_args(parser, run_dir_help="checkpoints, metrics.jsonl, Ray (default .cache/runs/NAME)")
     # hyperparameters
     defaults = CaptionerHparams()
     add("--hidden-size", type=int, default=defaults.hidden_size, help="bridge width")
@@ -379,8 +351,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     setup_logging()
 
-    from train.data import list_shards, split_shards
-    from train.features import cached_features
+    from train.lib.data import list_shards, split_shards
+    from train.lib.features import cached_features
 
     hp = CaptionerHparams.from_namespace(args)
     if args.init_from:
@@ -405,36 +377,18 @@ def main(argv: list[str] | None = None) -> dict:
             max_samples=args.max_val_samples,
             caption_source=args.caption_source,
         )
-    run_dir = Path(args.run_dir or Path(".cache") / "runs" / Path(args.output).name).resolve()
-    if not args.resume and (run_dir / "checkpoints").exists():
-        shutil.rmtree(run_dir / "checkpoints")
-    if not args.resume and (run_dir / "metrics.jsonl").exists():
-        (run_dir / "metrics.jsonl").unlink()
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = prepare_run_dir(args.run_dir or Path(".cache") / "runs" / Path(args.output).name, args.resume)
     config = {
         "hparams": hp.to_dict(),
-        "device": args.device,
         "train_features": str(train_path),
         "val_features": str(val_path) if val_path else None,
-        "run_dir": str(run_dir),
         "output": str(Path(args.output).resolve()),
         "resume": args.resume,
         "save_dtype": args.save_dtype,
         "init_from": str(Path(args.init_from).resolve()) if args.init_from else None,
     }
-    if args.threads:
-        config["threads"] = args.threads
     started = time.perf_counter()
-    launch(
-        train_loop,
-        config,
-        workers=args.workers,
-        use_gpu=args.device == "cuda",
-        storage_path=run_dir / "ray",
-        name="captioner",
-        cpus_per_worker=args.cpus_per_worker,
-        ray_address=args.ray_address,
-    )
+    launch_from_args(train_loop, config, args, run_dir, "captioner")
     seconds = time.perf_counter() - started
     log.info("training took %.1fs; model in %s", seconds, args.output)
     return {**last_metrics(run_dir / "metrics.jsonl"), "seconds": round(seconds, 1)}

@@ -1,25 +1,34 @@
-"""Train the downstream CLIP-style model (``train.contrastive``) on curated or raw shards.
+"""Train the downstream CLIP-style model (frozen towers, trained heads) on curated or raw shards.
 
-Each training tar is encoded once by the frozen towers into a cached feature shard
-(``train.feature_shards``); Ray Train workers then stream those feature shards through a
-shuffle buffer, draw one of each sample's kept captions per step (BLIP-2), and train the
-two projection heads and the temperature with InfoNCE (``train.losses.ITCLoss``; rows
+The model is ``train.lib.models.ContrastiveHeads``: EfficientNet-Lite0 and MiniLM towers,
+frozen, with a trained projection head each and a learnt temperature. Each training tar
+is encoded once by the frozen towers into a cached feature shard
+(``train.lib.feature_shards``); Ray Train workers then stream those feature shards
+through a shuffle buffer, draw one of each sample's kept captions per step (BLIP-2), and
+train the two heads and the temperature with InfoNCE (``train.lib.losses.ITCLoss``; rows
 sharing a caption are not negatives). The run is a fixed number of steps of a fixed
 global batch, so runs on differently sized data sets see the same number of samples.
+``train.pretrain_clip`` trains whole CLIP towers instead, for GPU machines.
 
-Curated output (kept captions from ``KEY.json``) vs the raw web shards it came from:
+CPU: curated output (kept captions from ``KEY.json``) vs the raw web shards it came from:
 
     python -m train.train_clip --train 'out/capfilt/shards/*.tar' --eval data/tuxpaint/test \\
         --steps 400 --output out/clip-capfilt --run-dir out/train_clip_capfilt
     python -m train.train_clip --train 'data/openclipart/*.tar' --eval data/tuxpaint/test \\
         --steps 400 --output out/clip-raw --run-dir out/train_clip_raw
 
+Multi-GPU (4 Ray Train workers, NCCL; on a cluster ``--cache-dir`` and ``--run-dir`` on
+shared storage):
+
+    python -m train.train_clip --train '/data/curated/shards/*.tar' --eval /data/tuxpaint/test \\
+        --workers 4 --device cuda --batch-size 1024 --steps 2000 --cache-dir /data/clip-features \\
+        --output /data/models/clip-heads --run-dir /data/runs/train_clip
+
 ``--workers N`` runs N Ray Train workers (DDP over gloo on CPU, NCCL with ``--device
 cuda``; each worker streams its share of every feature shard); ``--workers 0`` trains in
-this process without Ray. On a multi-node cluster the feature cache (``--cache-dir``) and
-``--run-dir`` must be shared storage. The result (eval metrics) is printed as JSON and
-written to ``RUN_DIR/result.json``; the heads go to ``--output`` (config.json +
-model.safetensors). ``train.experiment`` runs the whole curated-vs-raw comparison.
+this process without Ray. The result (eval metrics) is printed as JSON and written to
+``RUN_DIR/result.json``; the heads go to ``--output`` (config.json + model.safetensors).
+``train.experiment`` runs the whole curated-vs-raw comparison.
 """
 
 from __future__ import annotations
@@ -27,7 +36,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import sys
 import time
 from dataclasses import dataclass
@@ -35,17 +43,20 @@ from pathlib import Path
 
 import torch
 
-from train.common import (
-    Hyperparams,
-    MetricsLogger,
-    launch,
+from train.lib.checkpoint import Hyperparams
+from train.lib.launch import (
+    add_launch_args,
+    launch_from_args,
     prepare_model,
+    prepare_run_dir,
     report,
     seed_everything,
     setup_logging,
     unwrap,
     worker_info,
 )
+from train.lib.metrics import MetricsLogger
+from train.lib.optim import param_groups, warmup_cosine
 
 log = logging.getLogger("train.clip")
 
@@ -68,20 +79,12 @@ class ClipHparams(Hyperparams):
     seed: int = 0
 
 
-def lr_factor(step: int, hp: ClipHparams) -> float:
-    """Linear warm-up, then cosine decay to zero at ``hp.steps``."""
-    if step < hp.warmup_steps:
-        return (step + 1) / hp.warmup_steps
-    progress = (step - hp.warmup_steps) / max(1, hp.steps - hp.warmup_steps)
-    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
 def train_loop(config: dict) -> dict:
     """One worker's run (``config``: hparams, train/eval feature files, run_dir, output, device)."""
-    from train.contrastive import ContrastiveHeads, evaluate, positive_mask
-    from train.feature_shards import iter_batches, load_feature_shard
-    from train.losses import ITCLoss
-    from train.train_filter import param_groups
+    from train.lib.evaluation import evaluate_contrastive
+    from train.lib.feature_shards import iter_batches, load_feature_shard
+    from train.lib.losses import ITCLoss, positive_mask
+    from train.lib.models import ContrastiveHeads
 
     hp = ClipHparams.from_dict(config["hparams"])
     info = worker_info(config.get("device", "cpu"))
@@ -91,7 +94,10 @@ def train_loop(config: dict) -> dict:
     model = ContrastiveHeads(hidden=hp.hidden, dim=hp.dim, dropout=hp.dropout, temperature=hp.temperature)
     model = prepare_model(model, info)
     optimizer = torch.optim.AdamW(param_groups(unwrap(model), hp.weight_decay), lr=hp.lr)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, hp))
+    # linear warm-up, then cosine decay to zero at hp.steps
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: warmup_cosine(s, hp.warmup_steps, hp.steps)
+    )
     itc = ITCLoss()
     run_dir = Path(config["run_dir"])
     logger = MetricsLogger(run_dir / "metrics.jsonl", enabled=info.is_main)
@@ -144,94 +150,74 @@ def train_loop(config: dict) -> dict:
             bare.save_pretrained(config["output"])
             result["output"] = str(config["output"])
         if config.get("eval_features"):
-            scores = evaluate(bare, [load_feature_shard(p) for p in config["eval_features"]])
+            scores = evaluate_contrastive(bare, [load_feature_shard(p) for p in config["eval_features"]])
             logger.log(hp.steps, "eval", scores)
             result["eval"] = scores
         result["train_seconds"] = round(time.perf_counter() - start, 2)
     return result
 
 
-def train(
-    train_shards: list[str],
-    eval_shards: list[str] | None,
-    hp: ClipHparams,
-    run_dir: str | Path,
-    output: str | Path | None = None,
-    workers: int = 1,
-    device: str = "cpu",
-    cache_dir: str | Path | None = None,
-    ray_address: str | None = None,
-    name: str = "train_clip",
-    log_every: int = 50,
-) -> dict:
-    """Encode the shards (cached), then train on ``workers`` Ray Train workers; rank 0's result."""
-    from train.feature_shards import encode_shards
-
-    encode_device = "cuda" if device == "cuda" else "cpu"
-    train_features = [str(p) for p in encode_shards(train_shards, cache_dir, device=encode_device)]
-    eval_features = (
-        [str(p) for p in encode_shards(eval_shards, cache_dir, device=encode_device)] if eval_shards else []
+def main(argv: list[str] | None = None) -> int:
+    D = ClipHparams()  # defaults live in the dataclass
+    ap = argparse.ArgumentParser(
+        prog="python -m train.train_clip",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    run_dir = Path(run_dir).resolve()
+    add = ap.add_argument
+    # data
+    add("--train", action="append", required=True, help="training tars (dir, glob, brace range); repeatable")
+    add("--eval", action="append", help="held-out human-captioned tars, e.g. data/tuxpaint/test")
+    add("--cache-dir", help="feature cache (default ~/.cache/curate/clip-features)")
+    add("--output", help="where to save the trained heads")
+    add("--log-every", type=int, default=50, help="steps per metrics line")
+    add_launch_args(
+        ap,
+        run_dir_help="metrics.jsonl, result.json and Ray Train's files",
+        run_dir_required=True,
+        resume=False,
+    )
+    # model
+    add("--hidden", type=int, default=D.hidden, help="hidden width of each projection head")
+    add("--dim", type=int, default=D.dim, help="size of the joint embedding space")
+    add("--dropout", type=float, default=D.dropout, help="dropout inside the heads")
+    add("--temperature", type=float, default=D.temperature, help="initial softmax temperature (learnt)")
+    # optimisation
+    add("--steps", type=int, default=D.steps, help="optimizer steps (the same for every data set)")
+    add("--batch-size", type=int, default=D.batch_size, help="global batch (split across workers)")
+    add("--lr", type=float, default=D.lr, help="peak AdamW learning rate")
+    add("--weight-decay", type=float, default=D.weight_decay, help="AdamW weight decay (matrices only)")
+    add("--warmup-steps", type=int, default=D.warmup_steps, help="linear warm-up, then cosine to zero")
+    add("--grad-clip", type=float, default=D.grad_clip, help="max gradient norm (0: off)")
+    add("--shuffle-buffer", type=int, default=D.shuffle_buffer, help="rows in the shuffle buffer per worker")
+    add("--seed", type=int, default=D.seed, help="head init, data order and caption draws")
+    args = ap.parse_args(argv)
+
+    from train.lib.data import list_shards
+    from train.lib.feature_shards import encode_shards
+
+    setup_logging()
+    hp = ClipHparams.from_namespace(args)
+    # the frozen towers encode each tar once, here on the driver; workers read the cached files
+    encode_device = "cuda" if args.device == "cuda" else "cpu"
+    train_features = [
+        str(p) for p in encode_shards(list_shards(args.train), args.cache_dir, device=encode_device)
+    ]
+    eval_features = []
+    if args.eval:
+        eval_features = [
+            str(p) for p in encode_shards(list_shards(args.eval), args.cache_dir, device=encode_device)
+        ]
+    run_dir = prepare_run_dir(args.run_dir, resume=False)
     config = {
         "hparams": hp.to_dict(),
         "train_features": train_features,
         "eval_features": eval_features,
-        "run_dir": str(run_dir),
-        "output": str(Path(output).resolve()) if output else None,
-        "device": device,
-        "log_every": log_every,
+        "output": str(Path(args.output).resolve()) if args.output else None,
+        "log_every": args.log_every,
     }
-    result = launch(
-        train_loop,
-        config,
-        workers=workers,
-        use_gpu=device == "cuda",
-        storage_path=run_dir.parent,
-        name=run_dir.name,
-        ray_address=ray_address,
-    )
-    run_dir.mkdir(parents=True, exist_ok=True)
+    result = launch_from_args(train_loop, config, args, run_dir, "train_clip")
     (run_dir / "result.json").write_text(json.dumps(result, indent=1) + "\n")
-    return result
-
-
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m train.train_clip", description=__doc__.split("\n\n")[0])
-    ap.add_argument(
-        "--train", action="append", required=True, help="training tars (dir, glob, brace range); repeatable"
-    )
-    ap.add_argument("--eval", action="append", help="held-out human-captioned tars, e.g. data/tuxpaint/test")
-    ap.add_argument("--output", help="where to save the trained heads")
-    ap.add_argument("--run-dir", required=True, help="metrics.jsonl, result.json and Ray Train's files")
-    ap.add_argument("--workers", type=int, default=1, help="Ray Train workers (0: in this process)")
-    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    ap.add_argument("--cache-dir", help="feature cache (default ~/.cache/curate/clip-features)")
-    ap.add_argument("--ray-address", help="join this Ray cluster instead of an embedded one")
-    ap.add_argument("--log-every", type=int, default=50)
-    for field, default in ClipHparams().to_dict().items():
-        ap.add_argument(f"--{field.replace('_', '-')}", type=type(default), default=default)
-    return ap
-
-
-def main(argv: list[str] | None = None) -> int:
-    from train.data import list_shards
-
-    setup_logging()
-    args = build_parser().parse_args(argv)
-    hp = ClipHparams.from_namespace(args)
-    result = train(
-        list_shards(args.train),
-        list_shards(args.eval) if args.eval else None,
-        hp,
-        run_dir=args.run_dir,
-        output=args.output,
-        workers=args.workers,
-        device=args.device,
-        cache_dir=args.cache_dir,
-        ray_address=args.ray_address,
-        log_every=args.log_every,
-    )
     print(json.dumps(result.get("eval", result), indent=1))
     return 0
 

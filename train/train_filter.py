@@ -1,7 +1,7 @@
 """Train the bootstrapped CapFilt filter (ITC + ITM with hard negatives) on human captions.
 
 The frozen backbones' features of the train and val splits are computed once on the
-driver and cached (``train.features``); Ray Train workers then train only the small
+driver and cached (``train.lib.features``); Ray Train workers then train only the small
 fusion bridge (``curate.models.bridge.filter``) on the cache.
 
 CPU (this machine: the committed pipelines/models/bridge-filter; one Ray Train worker on
@@ -37,21 +37,21 @@ from pathlib import Path
 
 import torch
 
-from train.common import (
-    Hyperparams,
-    MetricsLogger,
-    latest_checkpoint,
-    launch,
-    load_checkpoint,
+from train.lib.checkpoint import Hyperparams, latest_checkpoint, load_checkpoint, save_checkpoint
+from train.lib.launch import (
+    add_launch_args,
+    launch_from_args,
     prepare_model,
+    prepare_run_dir,
     report,
-    save_checkpoint,
     seed_everything,
     setup_logging,
     shard_indices,
     unwrap,
     worker_info,
 )
+from train.lib.metrics import MetricsLogger
+from train.lib.optim import param_groups, warmup_cosine
 
 log = logging.getLogger("train.filter")
 
@@ -101,15 +101,6 @@ def build_model(hp: FilterHparams):
     return BridgeFilterModel(config)
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """No weight decay on norms, biases, embeddings-like vectors and the temperature."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            (decay if p.ndim >= 2 and not name.endswith("image_pos") else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
 def _batches(indices: list[int], batch_size: int) -> list[list[int]]:
     # a last batch of one has no in-batch negative: fold it into the previous one
     out = [indices[i : i + batch_size] for i in range(0, len(indices), batch_size)]
@@ -135,9 +126,10 @@ def val_loss(objective, feats, batch_size: int, seed: int, device: torch.device)
 
 def train_loop(config: dict) -> dict:
     """One worker's training (``config``: hparams, feature files, run_dir, output, resume, device)."""
-    from train.evaluate import filter_metrics
-    from train.features import load_features
-    from train.losses import FilterLoss
+    from train.lib.evaluation import filter_metrics
+    from train.lib.features import load_features
+    from train.lib.losses import FilterLoss
+    from train.lib.models import save_pretrained
 
     hp = FilterHparams.from_dict(config["hparams"])
     info = worker_info(config["device"])
@@ -158,13 +150,8 @@ def train_loop(config: dict) -> dict:
     total = max(1, steps_per_epoch * hp.epochs)
     warmup = max(1, int(steps_per_epoch * hp.warmup_epochs))
 
-    def schedule(step: int) -> float:  # linear warmup, cosine to 5% of the peak
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    # linear warmup, cosine to 5% of the peak
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, warmup, total, 0.05))
     start_epoch = 0
     ckpt_dir = run_dir / "checkpoints"
     if config.get("resume") and (ckpt := latest_checkpoint(ckpt_dir)) is not None:
@@ -216,7 +203,7 @@ def train_loop(config: dict) -> dict:
         if val_feats is not None and config.get("calibrate", True):
             metrics.update(calibrate_itm(model, val_feats, hp.seed, info.device))
             logger.log(hp.epochs, "calibration", {k: metrics[k] for k in ("itm_scale", "itm_shift")})
-        save_bridge(model, config["output"], config.get("save_dtype", "fp32"))
+        save_pretrained(model, config["output"], dtype=config.get("save_dtype", "fp32"))
     return {"epoch": hp.epochs, **metrics}
 
 
@@ -228,7 +215,7 @@ def calibrate_itm(model, feats, seed: int, device: torch.device | str = "cpu") -
     after this, the pipeline's threshold 0.5 separates a true caption from a caption of
     another image. A monotone map: AUC and rankings do not change.
     """
-    from train.evaluate import mismatch_indices
+    from train.lib.evaluation import mismatch_indices
 
     was = model.training
     model.eval()
@@ -264,18 +251,6 @@ def calibrate_itm(model, feats, seed: int, device: torch.device | str = "cpu") -
     model.itm_head.bias[1] += shift
     model.train(was)
     return {"itm_scale": scale, "itm_shift": shift}
-
-
-def save_bridge(model, output: str | Path, dtype: str = "fp32") -> Path:
-    """``save_pretrained`` the trainable bridge (fp16 halves the file) into ``output``."""
-    import copy
-
-    output = Path(output)
-    out_model = copy.deepcopy(model).eval()
-    if dtype == "fp16":
-        out_model = out_model.half()
-    out_model.save_pretrained(output, safe_serialization=True)
-    return output
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -344,31 +319,22 @@ def main(argv: list[str] | None = None) -> dict:
         "--seed", type=int, default=D.seed, help="init, data order, dropout and negative mining"
     )
     # run
-    parser.add_argument("--workers", type=int, default=1, help="Ray Train workers (0: in-process, no Ray)")
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="cuda: one GPU per worker")
-    parser.add_argument("--ray-address", default=None, help="join this Ray cluster (default: embedded local)")
-    parser.add_argument("--run-dir", default="out/train_filter", help="checkpoints, metrics.jsonl, Ray files")
+    add_launch_args(parser, run_dir="out/train_filter")
     parser.add_argument("--output", default="out/train_filter/model", help="save_pretrained directory")
     parser.add_argument(
         "--save-dtype", default="fp32", choices=["fp32", "fp16"], help="dtype of the saved bridge"
     )
-    parser.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoints")
     parser.add_argument(
         "--no-calibrate", dest="calibrate", action="store_false", help="skip the ITM calibration on val"
     )
     args = parser.parse_args(argv)
 
-    from train.data import list_shards, split_shards
-    from train.features import cached_features
+    from train.lib.data import list_shards, split_shards
+    from train.lib.features import cached_features
 
     setup_logging()
     hp = FilterHparams.from_namespace(args)
-    run_dir = Path(args.run_dir).resolve()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if not args.resume:
-        for old in (run_dir / "checkpoints").glob("epoch-*.pt"):
-            old.unlink()
-        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+    run_dir = prepare_run_dir(args.run_dir, args.resume)
     start = time.perf_counter()
     train_shards = list_shards(args.train) if args.train else split_shards(args.data, "train")
     encode = {"resize": args.image_resize}
@@ -389,23 +355,13 @@ def main(argv: list[str] | None = None) -> dict:
         "train_features": str(train_path),
         "train_view_features": view_paths,
         "val_features": str(val_path) if val_path else None,
-        "run_dir": str(run_dir),
         "output": str(Path(args.output).resolve()),
         "save_dtype": args.save_dtype,
         "resume": args.resume,
         "calibrate": args.calibrate,
-        "device": args.device,
     }
     t0 = time.perf_counter()
-    result = launch(
-        train_loop,
-        config,
-        workers=args.workers,
-        use_gpu=args.device == "cuda",
-        storage_path=run_dir / "ray",
-        name="train_filter",
-        ray_address=args.ray_address,
-    )
+    result = launch_from_args(train_loop, config, args, run_dir, "train_filter")
     summary = {
         **result,
         "features_seconds": round(features_s, 2),

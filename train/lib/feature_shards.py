@@ -1,6 +1,6 @@
 """Frozen-tower embeddings of WebDataset shards, one feature file per tar, streamed into batches.
 
-The downstream contrastive model (``train.contrastive``) trains heads on top of frozen
+The downstream contrastive model (``train.lib.models.ContrastiveHeads``) trains heads on top of frozen
 towers, so a sample's tower outputs never change: each tar is encoded once (EfficientNet-
 Lite0 mean-pooled image embedding, MiniLM mean-pooled embedding of every caption) into a
 safetensors file named by a hash of the tar's bytes, the backbones' versions and the
@@ -8,7 +8,7 @@ encoding settings. Training then streams those files one at a time through a shu
 buffer (``iter_batches``), so memory holds one feature shard and the buffer, never the
 data set, and a second arm, seed or run reuses the encoded files.
 
-Captions of a sample (``sample_captions``): a curated shard (``curate run``'s
+Captions of a sample (``train.lib.data.sample_captions``): a curated shard (``curate run``'s
 ``OUT/shards``) lists every kept caption in ``KEY.json``'s ``captions``; any other tar
 (raw web data, human-captioned sets) has its one ``KEY.txt``. Training samples one of a
 sample's captions each time it is drawn, as BLIP-2 did with its top-two captions.
@@ -29,8 +29,8 @@ from pathlib import Path
 import torch
 
 from curate.models.bridge import backbones
-from train.data import DEFAULT_MAX_SIDE, Pair, iter_pairs, kept_captions
-from train.features import (
+from train.lib.data import DEFAULT_MAX_SIDE, Pair, iter_pairs, sample_captions
+from train.lib.features import (
     backbone_versions,
     default_cache_dir,
     file_digest,
@@ -40,7 +40,7 @@ from train.features import (
 
 log = logging.getLogger("train.feature_shards")
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: samples are read by curate's reader (.tif/.tiff images too)
 
 
 class EmptyShardError(ValueError):
@@ -66,11 +66,6 @@ class FeatureShard:
         return self.text[self.offsets[:-1]]
 
 
-def sample_captions(pair: Pair) -> list[str]:
-    """The kept captions of a curated sample (``KEY.json`` ``captions``), else its ``KEY.txt``."""
-    return kept_captions(pair.meta) or [pair.caption]
-
-
 def shard_cache_path(shard: str, cache_dir: str | Path | None, resize: str, max_side: int) -> Path:
     """Where ``encode_shard`` keeps this tar's features: named by content and settings."""
     content = file_digest(shard) if os.path.isfile(shard) else shard
@@ -93,7 +88,7 @@ def shard_cache_path(shard: str, cache_dir: str | Path | None, resize: str, max_
 def _encode(pairs: list[Pair], resize: str, device: str | torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     pixels = backbones.preprocess_images([p.image for p in pairs], resize=resize).to(device)
     image = backbones.encode_images(pixels).mean(1).half().cpu()
-    texts = [t for p in pairs for t in sample_captions(p)]
+    texts = [t for p in pairs for t in sample_captions(p.meta, p.caption)]
     text = backbones.encode_texts(texts, device=device)[2].half().cpu()
     return image, text
 
@@ -155,7 +150,7 @@ def encode_shard(
 
     for pair in iter_pairs([shard], on_error="warn", max_side=max_side):
         keys.append(pair.key)
-        captions.append(sample_captions(pair))
+        captions.append(sample_captions(pair.meta, pair.caption))
         category = pair.meta.get("category") if isinstance(pair.meta, dict) else None
         categories.append(category if isinstance(category, str) else None)
         batch.append(pair)

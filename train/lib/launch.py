@@ -1,13 +1,8 @@
-"""What every training entry script shares: seeding, hyperparameters, checkpoints, metrics, Ray Train.
+"""Where a training process runs: seeding, rank and device, DDP, the Ray Train launcher, shared options.
 
-Stable API (``train_filter.py`` and ``train_captioner.py`` use it):
-
-- ``seed_everything(seed)``: Python, NumPy and torch RNGs. Scripts reseed with
-  ``seed + epoch`` at the start of every epoch, so a resumed run replays the same
-  batches and a fixed ``--seed`` gives the same result.
-- ``Hyperparams``: base for a script's ``@dataclass`` of hyperparameters:
-  ``to_dict()``, ``from_dict(d)`` (unknown keys raise) and ``from_namespace(args)``
-  (takes the argparse fields whose names match; the rest is the script's business).
+- ``seed_everything(seed)``: Python, NumPy and torch RNGs. The epoch-based scripts
+  reseed with ``seed + epoch`` at the start of every epoch and the step-based ones with
+  ``seed + step``, so a resumed run replays the same batches and dropout.
 - ``WorkerInfo`` / ``worker_info(device)``: rank, world size, torch device and whether
   this runs inside Ray Train (``in_ray``); outside Ray Train it is rank 0 of 1.
   ``device`` is ``auto|cpu|cuda`` (``curate.models.base.resolve_device``: cuda without one fails).
@@ -16,49 +11,43 @@ Stable API (``train_filter.py`` and ``train_captioner.py`` use it):
 - ``shard_indices(n, info, seed, epoch, shuffle=True)``: this worker's sample indices of
   the epoch: one permutation seeded by ``seed + epoch``, cut to a multiple of the world
   size and strided by rank, so every worker takes the same number of steps (DDP).
-- ``trainable_state_dict(model)``: the state dict without parameters of fully frozen
-  submodules (frozen backbones are loaded from their packages, never checkpointed).
-- ``save_checkpoint(directory, epoch, model, optimizer, hparams, metrics, scheduler=None)``
-  writes ``directory/epoch-NNNN.pt`` (temp name, then rename; keeps the last ``keep``)
-  and ``latest_checkpoint(directory)`` finds the newest; ``load_checkpoint(path, model,
-  optimizer=None, scheduler=None)`` restores them (``strict=False`` for the frozen keys
-  left out) and returns ``{"epoch", "hparams", "metrics"}``. Checkpoints hold tensors and
-  plain containers only and are read with ``torch.load(weights_only=True)``.
-- ``MetricsLogger(path, enabled)``: ``log(epoch, split, metrics)`` prints one line and
-  appends one JSON line (``{"epoch", "split", "time", **metrics}``); pass
-  ``enabled=info.is_main`` so only rank 0 writes.
 - ``report(metrics, info)``: ``ray.train.report`` inside Ray Train (every worker must call
-  it the same number of times: it is a barrier), a no-op outside.
+  it the same number of times: it is a barrier), a no-op outside. ``mean_over_workers``
+  and ``gather_objects`` are the two collectives the loops need besides DDP's own.
 - ``launch(train_fn, config, workers, use_gpu, storage_path, name, ...)``: runs
   ``train_fn(config)`` on ``workers`` Ray Train workers (``TorchTrainer``, gloo on CPU,
   NCCL on GPU) and returns rank 0's return value (a JSON-able dict, passed back through
   ``storage_path/name/result.json``: on a multi-node cluster ``storage_path`` must be
   shared storage); ``workers=0`` runs it in this process without Ray (debugging, tests).
   Without a Ray address it starts a local embedded Ray with at least ``workers + 2``
-  logical CPUs (see DESIGN.md: on a 2-core box ``num_cpus=1`` actors starve each other)
-  and sets each worker's torch threads to its share of the cores (``config["threads"]``
-  when given).
+  logical CPUs (on a 2-core machine, Ray Train workers holding ``num_cpus=1`` each
+  would otherwise leave no CPU for Ray's own tasks and stall) and sets each worker's
+  torch threads to its share of the cores (``config["threads"]`` when given).
+- ``add_launch_args(parser, ...)``, ``prepare_run_dir(run_dir, resume)`` and
+  ``launch_from_args(train_fn, config, args, name)``: the options and the run directory
+  every training script shares (``--workers``, ``--device``, ``--cpus-per-worker``,
+  ``--threads``, ``--ray-address``, ``--run-dir``, ``--resume``).
 """
 
 from __future__ import annotations
 
-import dataclasses
+import argparse
 import json
 import logging
 import math
 import os
 import random
+import shutil
 import sys
-import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Self
+from typing import Any
 
 import numpy as np
 import torch
 
-from curate.io.files import atomic_path, write_atomic
+from curate.io.files import write_atomic
 from curate.models.base import resolve_device
 
 log = logging.getLogger("train")
@@ -73,9 +62,6 @@ PROPAGATED_ENV = (
 )
 
 
-# -- seeding and hyperparameters -------------------------------------------------------------------
-
-
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy and torch (CPU and CUDA) so a run can be replayed."""
     random.seed(seed)
@@ -83,25 +69,9 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-@dataclass
-class Hyperparams:
-    """Base for a script's hyperparameter dataclass: plain JSON in, plain JSON out."""
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> Self:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - names)
-        if unknown:
-            raise ValueError(f"unknown {cls.__name__} fields: {unknown}")
-        return cls(**dict(values))
-
-    @classmethod
-    def from_namespace(cls, args: Any) -> Self:
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in vars(args).items() if k in names})
+def setup_logging() -> None:
+    """Plain INFO logging to stderr for the entry scripts."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
 
 
 # -- workers ---------------------------------------------------------------------------------------
@@ -150,12 +120,21 @@ def worker_info(device: str = "auto") -> WorkerInfo:
     )
 
 
-def prepare_model(model: torch.nn.Module, info: WorkerInfo) -> torch.nn.Module:
-    """Move to the worker's device; wrap in DDP (Ray's prepare_model) when there are several workers."""
+def prepare_model(
+    model: torch.nn.Module, info: WorkerInfo, find_unused_parameters: bool = False
+) -> torch.nn.Module:
+    """Move to the worker's device; wrap in DDP (Ray's prepare_model) when there are several workers.
+
+    ``find_unused_parameters``: for models whose forward leaves some parameters out of a
+    step's graph (DDP otherwise waits for their gradients forever).
+    """
     if info.in_ray and info.world_size > 1:
         import ray.train.torch
 
-        return ray.train.torch.prepare_model(model, move_to_device=info.device)
+        kwargs = {"find_unused_parameters": True} if find_unused_parameters else {}
+        return ray.train.torch.prepare_model(
+            model, move_to_device=info.device, parallel_strategy_kwargs=kwargs or None
+        )
     return model.to(info.device)
 
 
@@ -175,125 +154,35 @@ def shard_indices(n: int, info: WorkerInfo, seed: int, epoch: int, shuffle: bool
     return order[:usable][info.rank :: info.world_size]
 
 
-# -- checkpoints -----------------------------------------------------------------------------------
+def distributed() -> bool:
+    """True inside a torch.distributed process group of more than one process."""
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def _frozen_prefixes(model: torch.nn.Module) -> list[str]:
-    """Names of the outermost submodules whose parameters are all frozen."""
-    prefixes: list[str] = []
-    for name, module in model.named_modules():
-        if not name or any(name.startswith(p + ".") for p in prefixes):
-            continue
-        params = list(module.parameters())
-        if params and not any(p.requires_grad for p in params):
-            prefixes.append(name)
-    return prefixes
+def mean_over_workers(values: Mapping[str, float], device: torch.device) -> dict[str, float]:
+    """The mean of each value over all workers (itself with one worker): a collective."""
+    if not values or not distributed():
+        return {k: float(v) for k, v in values.items()}
+    import torch.distributed as dist
+
+    keys = sorted(values)
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    t /= dist.get_world_size()
+    return dict(zip(keys, t.tolist()))
 
 
-def trainable_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """State dict minus fully frozen submodules (their weights come from the backbone packages)."""
-    model = unwrap(model)
-    prefixes = _frozen_prefixes(model)
-    return {
-        k: v.detach().cpu()
-        for k, v in model.state_dict().items()
-        if not any(k == p or k.startswith(p + ".") for p in prefixes)
-    }
+def gather_objects(obj: Any) -> list[Any]:
+    """Every worker's ``obj`` in rank order (``[obj]`` with one worker): a collective."""
+    if not distributed():
+        return [obj]
+    import torch.distributed as dist
 
-
-def _checkpoint_name(epoch: int) -> str:
-    return f"epoch-{epoch:04d}.pt"
-
-
-def save_checkpoint(
-    directory: str | Path,
-    epoch: int,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    hparams: Hyperparams | Mapping[str, Any],
-    metrics: Mapping[str, Any],
-    scheduler: Any = None,
-    keep: int = 2,
-) -> Path:
-    """Write ``epoch-NNNN.pt`` (epoch = epochs completed) atomically; keep the newest ``keep``."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    state = {
-        "epoch": epoch,
-        "model": trainable_state_dict(model),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict() if scheduler is not None else None,
-        "hparams": hparams.to_dict() if isinstance(hparams, Hyperparams) else dict(hparams),
-        "metrics": dict(metrics),
-    }
-    path = directory / _checkpoint_name(epoch)
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
-    for old in sorted(directory.glob("epoch-*.pt"))[:-keep] if keep > 0 else []:
-        old.unlink(missing_ok=True)
-    return path
-
-
-def latest_checkpoint(directory: str | Path) -> Path | None:
-    """The newest ``epoch-NNNN.pt`` in ``directory``, or None."""
-    found = sorted(Path(directory).glob("epoch-*.pt"))
-    return found[-1] if found else None
-
-
-def load_checkpoint(
-    path: str | Path,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer | None = None,
-    scheduler: Any = None,
-) -> dict[str, Any]:
-    """Restore model (and optimizer/scheduler) state; returns ``{"epoch", "hparams", "metrics"}``."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    target = unwrap(model)
-    result = target.load_state_dict(state["model"], strict=False)
-    expected = set(trainable_state_dict(target))
-    missing = sorted(set(result.missing_keys) & expected)
-    if missing or result.unexpected_keys:
-        raise RuntimeError(
-            f"checkpoint {path} does not fit the model: missing {missing[:5]}, "
-            f"unexpected {result.unexpected_keys[:5]}"
-        )
-    if optimizer is not None:
-        optimizer.load_state_dict(state["optimizer"])
-    if scheduler is not None and state.get("scheduler") is not None:
-        scheduler.load_state_dict(state["scheduler"])
-    return {"epoch": state["epoch"], "hparams": state["hparams"], "metrics": state["metrics"]}
-
-
-# -- metrics ---------------------------------------------------------------------------------------
-
-
-def _format(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value)
-
-
-class MetricsLogger:
-    """One console line and one JSON line per (epoch, split); silent when not enabled (rank > 0)."""
-
-    def __init__(self, path: str | Path | None, enabled: bool = True) -> None:
-        self.path = Path(path) if path is not None else None
-        self.enabled = enabled
-        if self.enabled and self.path is not None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-
-    def log(self, epoch: int, split: str, metrics: Mapping[str, Any]) -> None:
-        if not self.enabled:
-            return
-        clean = {
-            k: (float(v) if isinstance(v, torch.Tensor | np.floating) else v) for k, v in metrics.items()
-        }
-        text = " ".join(f"{k} {_format(v)}" for k, v in clean.items())
-        print(f"epoch {epoch} {split} | {text}", flush=True)
-        if self.path is not None:
-            record = {"epoch": epoch, "split": split, "time": round(time.time(), 3), **clean}
-            with self.path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def report(metrics: Mapping[str, Any], info: WorkerInfo) -> None:
@@ -400,6 +289,62 @@ def launch(
     return dict(result.metrics or {})
 
 
-def setup_logging() -> None:
-    """Plain INFO logging to stderr for the entry scripts."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
+# -- the options and run directory every training script shares ------------------------------------
+
+
+def add_launch_args(
+    parser: argparse.ArgumentParser,
+    run_dir: str | None = None,
+    run_dir_help: str = "checkpoints, metrics.jsonl and Ray Train's files",
+    run_dir_required: bool = False,
+    resume: bool = True,
+    device: str = "cpu",
+) -> None:
+    """Where and on what a script trains: ``--workers``, ``--device``, ``--run-dir``, ``--resume``, ..."""
+    add = parser.add_argument
+    add("--workers", type=int, default=1, help="Ray Train workers (0: in this process, without Ray)")
+    add(
+        "--device",
+        choices=["auto", "cpu", "cuda"],
+        default=device,
+        help="cuda: one GPU per Ray Train worker; auto: each worker's own choice",
+    )
+    add("--cpus-per-worker", type=float, default=1.0, help="Ray CPUs reserved per worker")
+    add("--threads", type=int, default=None, help="torch threads per worker (default: cores / workers)")
+    add("--ray-address", default=None, help="join this Ray cluster (default: an embedded local Ray)")
+    add("--run-dir", default=run_dir, required=run_dir_required, help=run_dir_help)
+    if resume:
+        add("--resume", action="store_true", help="continue from the newest checkpoint in the run dir")
+
+
+def prepare_run_dir(run_dir: str | Path, resume: bool) -> Path:
+    """The absolute run directory; a fresh run (not ``resume``) drops old checkpoints and metrics."""
+    path = Path(run_dir).resolve()
+    if not resume:
+        shutil.rmtree(path / "checkpoints", ignore_errors=True)
+        (path / "metrics.jsonl").unlink(missing_ok=True)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def launch_from_args(
+    train_fn: Callable[[dict], Any],
+    config: dict[str, Any],
+    args: argparse.Namespace,
+    run_dir: Path,
+    name: str,
+) -> dict[str, Any]:
+    """``launch`` with the shared options of ``add_launch_args``; Ray's files go to ``RUN_DIR/ray``."""
+    config = {**config, "device": args.device, "run_dir": str(run_dir)}
+    if getattr(args, "threads", None):
+        config["threads"] = args.threads
+    return launch(
+        train_fn,
+        config,
+        workers=args.workers,
+        use_gpu=args.device == "cuda",
+        storage_path=run_dir / "ray",
+        name=name,
+        cpus_per_worker=args.cpus_per_worker,
+        ray_address=args.ray_address,
+    )
