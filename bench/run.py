@@ -20,6 +20,15 @@ On the same shards, models and batch sizes it measures, in one run:
 It prints a table (efficiency = steady pipeline / model-only, speedup = steady pipeline /
 naive, memory ratio 10N / N) and writes the figures as JSON. Figures, not assertions:
 targets are checked by reading them.
+
+FLOPs and MFU (bench/flops.py): each model stage's FLOPs per sample, counted from the
+models' configs for the texts the model-only loop scored (else those of the 10N run's
+output), and MFU = FLOP/s the samples need / peak: per stage over its model-only time, and
+for the pipeline at its steady rate over all GPUs. The peak is the device's dense bf16
+figure from bench/flops.py's table, or --peak-tflops; on a CPU, MFU is computed only with
+--peak-tflops. The JSON's `mfu`, `gpu_util_mean` and `gpu_util_steady` are fractions;
+`gpu_util_mean` is NVML's mean over the 10N run (start-up included), `gpu_util_steady`
+the same N -> 10N difference the steady rate takes.
 """
 
 from __future__ import annotations
@@ -66,6 +75,7 @@ class Figures:
     gpus: int = 0  # NVML's count; 0 on a CPU machine
     gpu_util_model_only_pct: float = 0.0  # mean over the model-only loop
     gpu_util_pipeline_pct: float = 0.0  # mean over the 10N run (start-up included)
+    gpu_util_n_pct: float = 0.0  # mean over the N run: with the 10N one, the steady utilisation
     gpu_mem_peak_mb: float = 0.0  # peak over all GPUs during the 10N run
     # the framework alone: pipelines/convert.yaml (read, decode, policy, write; no models)
     framework_samples: int = 0  # its N
@@ -76,6 +86,14 @@ class Figures:
     driver_cpu_10n_s: float = 0.0
     driver_rss_n_mb: float = 0.0  # the driver process's peak RSS
     driver_rss_10n_mb: float = 0.0
+    # FLOPs per sample of each model stage (bench/flops.py) and the peak MFU is taken against
+    flops_per_sample: dict[str, float] = field(default_factory=dict)  # model FLOPs, and "total"
+    flops_per_sample_executed: dict[str, float] = field(default_factory=dict)  # as transformers runs them
+    flops_inputs: dict[str, dict[str, float]] = field(default_factory=dict)  # texts and tokens counted
+    flops_source: str = ""  # whose texts were counted
+    flops_not_counted: list[str] = field(default_factory=list)
+    peak_tflops: float = 0.0  # per GPU (or the machine, given by --peak-tflops on a CPU)
+    peak_source: str = ""
     machine: dict = field(default_factory=dict)
     failed: list[str] = field(default_factory=list)  # parts that raised; their figures stay 0
 
@@ -101,6 +119,50 @@ class Figures:
     @property
     def steady_sps_per_gpu(self) -> float:
         return self._ratio(self.pipeline_steady_sps, self.gpus)
+
+    @property
+    def samples_per_s_per_gpu(self) -> float:
+        return self.steady_sps_per_gpu
+
+    def _flops_total(self) -> float:
+        return self.flops_per_sample.get("total", 0.0)
+
+    @property
+    def mfu(self) -> float:
+        """The pipeline's steady rate x FLOPs per sample over the peak of all its GPUs."""
+        return _mfu(self._flops_total(), self.pipeline_steady_sps, self.peak_tflops * max(1, self.gpus))
+
+    @property
+    def mfu_10n(self) -> float:
+        return _mfu(self._flops_total(), self.pipeline_10n_sps, self.peak_tflops * max(1, self.gpus))
+
+    @property
+    def mfu_model_only(self) -> float:
+        """The model-only loop (one process, one device) over one device's peak."""
+        return _mfu(self._flops_total(), self.model_only_single_sps, self.peak_tflops)
+
+    @property
+    def mfu_stages(self) -> dict[str, float]:
+        """Each stage in the model-only loop: its FLOPs x samples / its time / the peak."""
+        out = {}
+        for name, spent in self.model_only_breakdown_s.items():
+            if name in self.flops_per_sample and spent > 0:
+                sps = self.model_only_samples / spent
+                out[name] = _mfu(self.flops_per_sample[name], sps, self.peak_tflops)
+        return out
+
+    @property
+    def gpu_util_mean(self) -> float:
+        return self.gpu_util_pipeline_pct / 100
+
+    @property
+    def gpu_util_steady(self) -> float:
+        """Busy time added from N to 10N over the wall time added: the steady rate's counterpart."""
+        busy = (
+            self.gpu_util_pipeline_pct * self.pipeline_10n_wall_s
+            - self.gpu_util_n_pct * self.pipeline_n_wall_s
+        )
+        return self._ratio(busy / 100, self.pipeline_10n_wall_s - self.pipeline_n_wall_s)
 
     @property
     def driver_ms_per_sample(self) -> float:
@@ -200,10 +262,15 @@ def load_models(cfg, fuse: bool = True) -> dict:
     return models
 
 
-def model_only(cfg, models: dict, samples: list[tuple]) -> tuple[float, dict[str, float]]:
-    """Each model over all samples at its own batch size, captions feeding the scorers."""
+def model_only(
+    cfg, models: dict, samples: list[tuple], texts_out: list | None = None
+) -> tuple[float, dict[str, float]]:
+    """Each model over all samples at its own batch size, captions feeding the scorers.
+    ``texts_out`` receives each sample's texts (alt-text first), for the FLOP count."""
     images = [img for img, _ in samples]
     texts: list[list[str]] = [[alt] if alt else [] for _, alt in samples]
+    if texts_out is not None:
+        texts_out[:] = texts
     spent: dict[str, float] = {}
     if "captioner" in models:
         bs = cfg.captioner.batch_size
@@ -475,6 +542,7 @@ def measure_pipeline(figs: Figures, args, cfg, overrides: list[str], small, big,
     small_run = pipeline_run(args.pipeline, overrides, small, work / "out-n", args.num_cpus)
     figs.pss_n_mb, figs.rss_n_mb, done_n = small_run.pss_mb, small_run.rss_mb, small_run.samples
     figs.pipeline_n_wall_s, figs.pipeline_n_sps = small_run.wall_s, done_n / small_run.wall_s
+    figs.gpu_util_n_pct = small_run.gpu.mean_util
     big_run = pipeline_run(args.pipeline, overrides, big, work / "out-10n", args.num_cpus)
     figs.pss_10n_mb, figs.rss_10n_mb, done_10n = big_run.pss_mb, big_run.rss_mb, big_run.samples
     figs.pipeline_10n_wall_s, figs.pipeline_10n_sps = big_run.wall_s, done_10n / big_run.wall_s
@@ -518,8 +586,9 @@ def measure_framework(figs: Figures, args, work: Path) -> None:
     )
 
 
-def measure_model_only(figs: Figures, args, cfg, overrides: list[str], big) -> None:
-    """The ceiling: the models alone on pre-decoded samples, in the better of the two layouts."""
+def measure_model_only(figs: Figures, args, cfg, overrides: list[str], big, seen: dict) -> None:
+    """The ceiling: the models alone on pre-decoded samples, in the better of the two layouts;
+    ``seen`` receives the texts the timed loop scored and which samples had an alt-text."""
     import torch
 
     cpus = os.cpu_count() or 1
@@ -536,7 +605,10 @@ def measure_model_only(figs: Figures, args, cfg, overrides: list[str], big) -> N
     torch.set_num_threads(cpus)
     model_only(cfg, models, samples[: min(8, len(samples))])  # warm-up
     with GpuSampler() as gpu:
-        figs.model_only_single_sps, figs.model_only_breakdown_s = model_only(cfg, models, samples)
+        figs.model_only_single_sps, figs.model_only_breakdown_s = model_only(
+            cfg, models, samples, seen.setdefault("texts", [])
+        )
+    seen["has_alt"] = [bool(alt) for _, alt in samples]
     figs.gpus = figs.gpus or len(gpu.handles)
     figs.gpu_util_model_only_pct = gpu.mean_util
     figs.model_only_sps = max(figs.model_only_single_sps, figs.model_only_parallel_sps)
@@ -556,6 +628,95 @@ def measure_naive(figs: Figures, args, cfg, big, work: Path) -> None:
     naive(models, big, 2, work / "naive-warm-up.parquet")  # first calls (kernel selection) are not timed
     figs.naive_sps, figs.naive_samples = naive(models, big, args.naive_samples, work / "naive.parquet")
     print(f"bench: naive {figs.naive_sps:.2f} samples/s", file=sys.stderr)
+
+
+def _mfu(flops_per_sample: float, samples_per_s: float, peak_tflops: float) -> float:
+    from bench.flops import mfu
+
+    return mfu(flops_per_sample, samples_per_s, peak_tflops)
+
+
+def stated_peak(figs: Figures, peak_tflops: float | None) -> None:
+    """The peak MFU is taken against: --peak-tflops, else the CUDA device's dense bf16 figure."""
+    from bench.flops import gpu_peak
+
+    device = figs.machine.get("cuda")
+    known = gpu_peak(device) if device else None
+    if peak_tflops:
+        figs.peak_tflops, figs.peak_source = peak_tflops, "--peak-tflops"
+    elif known:
+        figs.peak_tflops, figs.peak_source = known[1], f"{device}: dense bf16 ({known[0]} in bench/flops.py)"
+    elif device:
+        figs.peak_source = f"MFU not computed: {device} is not in bench/flops.py's table; give --peak-tflops"
+    else:
+        figs.peak_source = "MFU not computed on a CPU unless --peak-tflops is given"
+
+
+def measure_flops(figs: Figures, cfg, seen: dict, output_10n: Path) -> None:
+    """FLOPs per sample of each model stage, for the texts the model-only loop scored, else for
+    those of the 10N run's output."""
+    from bench.flops import pipeline_flops, texts_from_output
+
+    if seen.get("texts"):
+        texts = seen["texts"]
+        captions = [ts[int(alt) :] for ts, alt in zip(texts, seen["has_alt"])]
+        figs.flops_source = f"the model-only loop's {len(texts)} samples"
+    elif (output_10n / "samples").is_dir():
+        texts, captions = texts_from_output(output_10n)
+        figs.flops_source = f"the 10N run's output ({len(texts)} samples)"
+    else:
+        return
+    counts, figs.flops_not_counted = pipeline_flops(cfg, texts, captions)
+    figs.flops_per_sample = {k: c.per_sample for k, c in counts.items()}
+    figs.flops_per_sample["total"] = sum(figs.flops_per_sample.values())
+    figs.flops_per_sample_executed = {k: c.executed / max(1, c.samples) for k, c in counts.items()}
+    figs.flops_per_sample_executed["total"] = sum(figs.flops_per_sample_executed.values())
+    figs.flops_inputs = {
+        k: {"texts_per_sample": c.texts_per_sample, "tokens_per_text": c.tokens_per_text}
+        for k, c in counts.items()
+    }
+
+
+def flops_rows(figs: Figures) -> list[tuple[str, str]]:
+    """The table's FLOP and MFU rows."""
+    if not figs.flops_per_sample:
+        return [("FLOPs per sample", "not counted (no model-only loop or pipeline output)")]
+    fps, ran = figs.flops_per_sample, figs.flops_per_sample_executed
+    stages = [k for k in fps if k != "total"]
+    inputs = figs.flops_inputs
+    rows = [
+        (
+            "FLOPs per sample",
+            ", ".join(f"{k} {fps[k] / 1e9:,.1f} G" for k in stages)
+            + f"; total {fps['total'] / 1e9:,.1f} G (as transformers runs them: {ran['total'] / 1e9:,.1f} G)"
+            + (f"; not counted: {', '.join(figs.flops_not_counted)}" if figs.flops_not_counted else ""),
+        ),
+        (
+            "FLOPs counted for",
+            f"{figs.flops_source}: "
+            + ", ".join(
+                f"{k} {inputs[k]['texts_per_sample']:.1f} x {inputs[k]['tokens_per_text']:.1f} tokens"
+                for k in stages
+            )
+            + " (captioner: captions x sampled tokens; scorers: texts x padded tokens)",
+        ),
+    ]
+    if not figs.peak_tflops:
+        return [*rows, ("MFU", figs.peak_source)]
+    per_stage = ", ".join(f"{k} {v:.1%}" for k, v in figs.mfu_stages.items())
+    rows += [
+        (
+            "MFU, pipeline",
+            f"{figs.mfu:.2%} steady, {figs.mfu_10n:.2%} end to end at 10N "
+            f"(peak {figs.peak_tflops:g} TFLOP/s x {max(1, figs.gpus)}; {figs.peak_source})",
+        ),
+        ("MFU, model-only loop", f"{figs.mfu_model_only:.2%}" + (f" ({per_stage})" if per_stage else "")),
+        (
+            "bound at the peak",
+            f"{figs.peak_tflops * 1e12 * max(1, figs.gpus) / fps['total']:,.0f} samples/s",
+        ),
+    ]
+    return rows
 
 
 def main() -> int:
@@ -580,6 +741,13 @@ def main() -> int:
         "small images make the workers fast, so the driver's cost per sample shows at a high rate",
     )
     ap.add_argument("--json", default="bench/results.json", help="where to write the figures")
+    ap.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=None,
+        help="peak TFLOP/s per GPU (or of the machine on a CPU) that MFU is taken against; "
+        "default: the CUDA device's dense bf16 figure from bench/flops.py's table",
+    )
     ap.add_argument(
         "--parts",
         default="framework,pipeline,model,naive",
@@ -609,6 +777,7 @@ def main() -> int:
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "torch_threads": torch.get_num_threads(),
     }
+    stated_peak(figs, args.peak_tflops)
 
     # the same samples in both runs: the 10N input starts with the N input's samples
     small = make_input(args.input, n, work / "n", args.per_shard)
@@ -616,9 +785,10 @@ def main() -> int:
     parts = {
         "framework": lambda: measure_framework(figs, args, work),
         "pipeline": lambda: measure_pipeline(figs, args, cfg, overrides, small, big, work),
-        "model": lambda: measure_model_only(figs, args, cfg, overrides, big),
+        "model": lambda: measure_model_only(figs, args, cfg, overrides, big, seen),
         "naive": lambda: measure_naive(figs, args, cfg, big, work),
     }
+    seen: dict = {}  # the texts the model-only loop scored, for the FLOP count
     chosen = args.parts.split(",")
     if unknown := [p for p in chosen if p not in parts]:
         raise SystemExit(f"--parts: unknown {', '.join(unknown)} (known: {', '.join(parts)})")
@@ -631,6 +801,11 @@ def main() -> int:
         except Exception:  # the other parts still measure; the exit code says it
             figs.failed.append(name)
             print(f"bench: {name} failed:\n{traceback.format_exc()}", file=sys.stderr)
+    try:
+        measure_flops(figs, cfg, seen, work / "out-10n")
+    except Exception:  # a counter fault must not lose the measured figures
+        figs.failed.append("flops")
+        print(f"bench: flops failed:\n{traceback.format_exc()}", file=sys.stderr)
 
     fw = figs.framework_samples
     rows = [
@@ -692,9 +867,11 @@ def main() -> int:
             (
                 "GPU utilisation",
                 f"{figs.gpu_util_model_only_pct:.0f}% model-only, "
-                f"{figs.gpu_util_pipeline_pct:.0f}% pipeline at 10N (peak {figs.gpu_mem_peak_mb:.0f} MB)",
+                f"{figs.gpu_util_pipeline_pct:.0f}% pipeline at 10N (peak {figs.gpu_mem_peak_mb:.0f} MB), "
+                f"{figs.gpu_util_steady:.0%} steady (N -> 10N)",
             ),
         ]
+    rows += flops_rows(figs)
     if figs.failed:
         rows.append(("failed (figures 0)", ", ".join(figs.failed)))
     width = max(len(k) for k, _ in rows)
@@ -713,6 +890,13 @@ def main() -> int:
         "driver_ms_per_sample": figs.driver_ms_per_sample,
         "driver_ceiling_sps": figs.driver_ceiling_sps,
         "driver_rss_ratio": figs.driver_rss_ratio,
+        "samples_per_s_per_gpu": figs.samples_per_s_per_gpu,
+        "mfu": figs.mfu,
+        "mfu_10n": figs.mfu_10n,
+        "mfu_model_only": figs.mfu_model_only,
+        "mfu_stages": figs.mfu_stages,
+        "gpu_util_mean": figs.gpu_util_mean,
+        "gpu_util_steady": figs.gpu_util_steady,
         "pipeline": cfg.to_dict(),
     }
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
