@@ -117,6 +117,7 @@ def train_loop(config: dict) -> dict:
         TextTokenizer,
         eval_batches,
         make_loader,
+        to_device,
     )
 
     hp = FinetuneHparams.from_dict(config["hparams"])
@@ -165,10 +166,7 @@ def train_loop(config: dict) -> dict:
     ddp = isinstance(wrapped, torch.nn.parallel.DistributedDataParallel)
 
     def step_loss(batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
-        x = {
-            k: batch[k].to(info.device, non_blocking=True)
-            for k in ("pixel_values", "input_ids", "attention_mask")
-        }
+        x = to_device(batch, info.device, transform)
         with autocast(info.device, precision):
             if captioner:
                 ids, labels = lm_targets(x["input_ids"], x["attention_mask"], bos, prompt_length)
@@ -186,10 +184,10 @@ def train_loop(config: dict) -> dict:
         held_out = eval_batches(config["val"], transform, tokenize, max(micro, 16), config.get("val_samples"))
         if captioner:
             return blip_captioner_metrics(
-                model, tokenizer, held_out, info.device, precision, hp.prompt, prompt_length,
+                model, tokenizer, held_out, transform, info.device, precision, hp.prompt, prompt_length,
                 cider_samples=config["cider_samples"],
             )  # fmt: skip
-        return blip_filter_metrics(model, held_out, info.device, precision)
+        return blip_filter_metrics(model, held_out, transform, info.device, precision)
 
     metrics: dict = {}
     val: dict = {}

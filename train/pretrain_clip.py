@@ -45,8 +45,10 @@ Multi-GPU (ViT-B/32 from scratch on 8 GPUs of a Ray cluster, global batch 4096):
 
 Throughput (``--bench``): no checkpoints, evaluation or output; it times the data loader
 alone (samples/s of one worker's DataLoader), then the training steps after two warm-up
-steps (samples/s, per worker too), counts one step's FLOPs with torch's FlopCounterMode
-and prints MFU against ``--peak-tflops`` (default: the dense bf16 peak of a known GPU).
+steps (samples/s, per worker too, and ``model_samples_per_s`` without the steps' waits for
+data: what the model sustains when the loader keeps up), counts one step's FLOPs with
+torch's FlopCounterMode and prints MFU (end to end and the model's) against
+``--peak-tflops`` (default: the dense bf16 peak of a known GPU).
 A CPU smoke check, and the prepared command for one GPU (``bench/RESULTS.md``):
 
     python -m train.pretrain_clip --bench --arch vit-b-32 --tokenizer bytes \\
@@ -141,6 +143,7 @@ def train_loop(config: dict) -> dict:
         TextTokenizer,
         eval_batches,
         make_loader,
+        to_device,
     )
 
     hp = PretrainHparams.from_dict(config["hparams"])
@@ -201,7 +204,6 @@ def train_loop(config: dict) -> dict:
     batches = iter(make_loader(stream(stream_state), pin_memory=pin))
     loss_fn = ClipLoss()
     ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
-    keys = ("pixel_values", "input_ids", "attention_mask")
     metrics: dict = {}
     eval_metrics: dict = {}
     timed: list[tuple[float, float]] = []  # (step seconds, data seconds) of the bench's timed steps
@@ -210,7 +212,7 @@ def train_loop(config: dict) -> dict:
         held_out = eval_batches(
             config["eval"], transform, tokenize, max(micro, 16), config.get("eval_samples")
         )
-        return clip_retrieval(bare, held_out, info.device, precision)
+        return clip_retrieval(bare, held_out, transform, info.device, precision)
 
     model.train()
     for step in range(start_step, hp.steps):
@@ -222,7 +224,7 @@ def train_loop(config: dict) -> dict:
             cursor.advance(batch)
             parts.append(batch)
         t_data = time.perf_counter() - t0
-        inputs = [{k: b[k].to(info.device, non_blocking=True) for k in keys} for b in parts]
+        inputs = [to_device(b, info.device, transform) for b in parts]
         ids = torch.cat([b["caption_ids"] for b in parts]).to(info.device)
         optimizer.zero_grad(set_to_none=True)
         counter = FlopCounterMode(display=False) if bench and step == start_step else contextlib.nullcontext()
@@ -299,19 +301,23 @@ def train_loop(config: dict) -> dict:
         if not timed:
             raise ValueError("--bench needs --steps >= 3: the first two steps are warm-up")
         step_s = sum(t for t, _ in timed) / len(timed)
+        # the step without its wait for data: what the model alone sustains if the loader keeps up
+        compute_s = step_s - sum(d for _, d in timed) / len(timed)
         flops = bench_result.get("flops_per_step_per_worker", 0) * info.world_size
         peak = config.get("peak_tflops") or peak_tflops(info.device, precision)
-        achieved = flops / step_s / 1e12
+        achieved, model_achieved = flops / step_s / 1e12, flops / compute_s / 1e12
         bench_result.update(
             samples_per_s=round(hp.batch_size / step_s, 2),
             samples_per_s_per_worker=round(hp.batch_size / step_s / info.world_size, 2),
+            model_samples_per_s=round(hp.batch_size / compute_s, 2),
             step_seconds=round(step_s, 4),
-            data_wait=round(sum(d for _, d in timed) / sum(t for t, _ in timed), 3),
+            data_wait=round(1 - compute_s / step_s, 3),
             timed_steps=len(timed),
             flops_per_sample=round(flops / hp.batch_size),
             achieved_tflops=float(f"{achieved:.4g}"),
             peak_tflops=peak,
             mfu=float(f"{achieved / peak:.4g}") if peak else None,
+            model_mfu=float(f"{model_achieved / peak:.4g}") if peak else None,
             device=torch.cuda.get_device_name(info.device) if info.device.type == "cuda" else "cpu",
             workers=info.world_size,
             micro_batch=micro,

@@ -206,6 +206,7 @@ def test_bench_mode_reports_rates_flops_and_mfu(curated_run, tiny_models, tmp_pa
     assert result["loader_samples_per_s"] > 0 and result["samples_per_s"] > 0 and result["timed_steps"] == 2
     assert result["flops_per_sample"] > 1e5  # two transformer towers forward and backward
     assert result["mfu"] == pytest.approx(result["achieved_tflops"] / 0.1, rel=1e-2)
+    assert result["model_samples_per_s"] >= result["samples_per_s"] and result["model_mfu"] >= result["mfu"]
     assert json.loads((tmp_path / "run" / "bench.json").read_text())["bench"] == result
     assert not (tmp_path / "run" / "checkpoints").exists()
 

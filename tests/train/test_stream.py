@@ -164,7 +164,10 @@ def test_transforms_match_the_image_processors_and_crops_repeat():
     clip = CLIPImageProcessorPil(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16})
     blip = BlipImageProcessorPil(size={"height": 16, "width": 16})
     for processor in (clip, blip):
-        ours = ImageTransform.from_processor(processor).eval(image)
+        transform = ImageTransform.from_processor(processor)
+        ours = transform.eval(image)
+        assert ours.dtype == torch.uint8  # normalised on the device, by the training loop
+        ours = transform.normalize(ours[None])[0]
         theirs = processor(images=[image], return_tensors="pt")["pixel_values"][0]
         assert ours.shape == theirs.shape == (3, 16, 16)
         torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)  # the same resize, crop, normalisation

@@ -36,6 +36,7 @@ from train.lib.losses import lm_targets, positive_mask
 from train.lib.metrics import recall_at_k, roc_auc
 from train.lib.models import ContrastiveHeads
 from train.lib.optim import autocast
+from train.lib.stream import ImageTransform, to_device
 
 # -- the bridge filter -----------------------------------------------------------------------------
 
@@ -254,10 +255,6 @@ def evaluate_contrastive(
 # -- Hugging Face CLIP and BLIP on streamed batches ------------------------------------------------
 
 
-def _to(batch: dict, device: torch.device) -> dict[str, torch.Tensor]:
-    return {k: batch[k].to(device) for k in ("pixel_values", "input_ids", "attention_mask")}
-
-
 def _recall(image: list[torch.Tensor], text: list[torch.Tensor], ids: list[torch.Tensor], ks) -> dict:
     caption_ids = torch.cat(ids)
     sim = torch.cat(image) @ torch.cat(text).t()
@@ -270,6 +267,7 @@ def _recall(image: list[torch.Tensor], text: list[torch.Tensor], ids: list[torch
 def clip_retrieval(
     model,
     batches: Iterable[dict],
+    transform: ImageTransform,
     device: torch.device,
     precision: str = "fp32",
     ks: Sequence[int] = (1, 5, 10),
@@ -281,7 +279,7 @@ def clip_retrieval(
     image, text, ids = [], [], []
     for batch in batches:
         with autocast(device, precision):
-            out = model(**_to(batch, device))
+            out = model(**to_device(batch, device, transform))
         image.append(out.image_embeds.float().cpu())
         text.append(out.text_embeds.float().cpu())
         ids.append(batch["caption_ids"])
@@ -307,6 +305,7 @@ def _other_caption(ids: torch.Tensor) -> torch.Tensor:
 def blip_filter_metrics(
     model,
     batches: Iterable[dict],
+    transform: ImageTransform,
     device: torch.device,
     precision: str = "fp32",
     ks: Sequence[int] = (1, 5, 10),
@@ -317,7 +316,7 @@ def blip_filter_metrics(
     model.eval()
     image, text, ids, scores, labels = [], [], [], [], []
     for batch in batches:
-        inputs = _to(batch, device)
+        inputs = to_device(batch, device, transform)
         with autocast(device, precision):
             image_embeds = model.vision_model(pixel_values=inputs["pixel_values"]).last_hidden_state
             states = model.text_encoder(
@@ -358,6 +357,7 @@ def blip_captioner_metrics(
     model,
     tokenizer,
     batches: Iterable[dict],
+    transform: ImageTransform,
     device: torch.device,
     precision: str = "fp32",
     prompt: str = "",
@@ -374,7 +374,7 @@ def blip_captioner_metrics(
     references: list[list[str]] = []
     bos = model.config.text_config.bos_token_id
     for batch in batches:
-        inputs = _to(batch, device)
+        inputs = to_device(batch, device, transform)
         ids, labels = lm_targets(inputs["input_ids"], inputs["attention_mask"], bos, prompt_length)
         with autocast(device, precision):
             out = model(

