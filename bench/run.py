@@ -273,7 +273,7 @@ def model_only(
         texts_out[:] = texts
     spent: dict[str, float] = {}
     if "captioner" in models:
-        bs = cfg.captioner.batch_size
+        bs = cfg.captioner.resources.batch_size
         t = time.perf_counter()
         for start in range(0, len(images), bs):
             caps = models["captioner"](images[start : start + bs], seed=start)
@@ -283,7 +283,7 @@ def model_only(
     for name in ("filter", "ranker", "filter+ranker"):
         if name not in models:
             continue
-        bs = getattr(cfg, name.split("+")[0]).batch_size
+        bs = getattr(cfg, name.split("+")[0]).resources.batch_size
         t = time.perf_counter()
         for start in range(0, len(images), bs):
             models[name](images[start : start + bs], texts[start : start + bs])
@@ -594,7 +594,7 @@ def measure_model_only(figs: Figures, args, cfg, overrides: list[str], big, seen
     cpus = os.cpu_count() or 1
     samples = decoded_samples(big, cfg)[: args.model_samples]
     figs.model_only_samples = len(samples)
-    on_gpu = any(m.device != "cpu" for m in cfg.models().values()) and torch.cuda.is_available()
+    on_gpu = any(m.resources.device != "cpu" for m in cfg.models().values()) and torch.cuda.is_available()
     if cpus > 1 and not on_gpu:  # a process per core is a CPU layout; a GPU's ceiling is one process
         figs.model_only_parallel_sps = parallel_model_only(
             args.pipeline, overrides, big[: -(-len(samples) // args.per_shard)], len(samples), cpus

@@ -3,6 +3,12 @@
 A pipeline file is YAML with the sections of :class:`PipelineConfig`. Unknown fields,
 wrong types and out-of-range values raise :class:`ConfigError` naming the field
 (``captioner.num_captions``), so a typo never silently runs with a default.
+
+What a stage writes and where and how fast it runs are apart: each stage's execution
+settings (device, batch size, GPUs, CPUs, actors or tasks at once, threads, memory) live
+in its ``resources`` sub-section (``captioner.resources.num_gpus``). A run may resume
+with other resources; anything else is another pipeline (``curate.pipeline``'s
+fingerprint is the configuration without them).
 """
 
 from __future__ import annotations
@@ -27,27 +33,21 @@ class ConfigError(ValueError):
 
 
 @dataclass
-class ModelConfig:
-    """Settings shared by every model stage: what to load and where it runs."""
+class ModelResources:
+    """Where and how fast a model stage runs: its actor pool, declared here, never read
+    off the driver's hardware. Not part of what the stage writes."""
 
-    model: str = ""
-    revision: str | None = None
     device: Device = "auto"
-    dtype: DType = "fp32"
-    batch_size: int = 8
-    # resources of each actor in the pool, declared here, never read off the driver
+    batch_size: int = 8  # images per model call
+    # resources of each actor in the pool
     num_gpus: float = 0.0
     num_cpus: float = 0.5
-    concurrency: int = 1
+    concurrency: int = 1  # actors
     # torch CPU threads in each actor; null: Ray's OMP_NUM_THREADS, i.e. num_cpus rounded
     # down, at least 1. The stage that bounds a CPU run (the captioner) wants the cores.
     num_threads: int | None = None
-    trust_remote_code: bool = False
-    allow_pickle_weights: bool = False
 
     def _validate(self, prefix: str) -> None:
-        if not self.model:
-            raise ConfigError(f"{prefix}.model: a Hugging Face id or a local directory is required")
         _positive(self.batch_size, f"{prefix}.batch_size")
         _positive(self.concurrency, f"{prefix}.concurrency")
         if self.num_threads is not None:
@@ -60,6 +60,47 @@ class ModelConfig:
             raise ConfigError(
                 f"{prefix}.device: 'cuda' needs {prefix}.num_gpus > 0 so Ray places the actor on a GPU"
             )
+
+
+@dataclass
+class ScorerResources(ModelResources):
+    batch_size: int = 32
+
+
+@dataclass
+class RewriterResources(ModelResources):
+    batch_size: int = 16  # prompts per generate call (transformers backend)
+    # vLLM engine sizing (backend: vllm): one engine per actor, continuous batching within it
+    tensor_parallel_size: int = 1
+    gpu_memory_utilization: float = 0.9
+    max_num_seqs: int = 256
+    enforce_eager: bool = False  # skip torch.compile and CUDA graphs: slower, starts in seconds
+
+    def _validate(self, prefix: str) -> None:
+        super()._validate(prefix)
+        _positive(self.tensor_parallel_size, f"{prefix}.tensor_parallel_size")
+        _positive(self.max_num_seqs, f"{prefix}.max_num_seqs")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ConfigError(
+                f"{prefix}.gpu_memory_utilization: must be in (0, 1], got {self.gpu_memory_utilization}"
+            )
+
+
+@dataclass
+class ModelConfig:
+    """Settings shared by every model stage: what to load, and (``resources``) where it runs."""
+
+    model: str = ""
+    revision: str | None = None
+    dtype: DType = "fp32"
+    trust_remote_code: bool = False
+    allow_pickle_weights: bool = False
+    resources: ModelResources = field(default_factory=ModelResources)
+
+    def _validate(self, prefix: str) -> None:
+        if not self.model:
+            raise ConfigError(f"{prefix}.model: a Hugging Face id or a local directory is required")
+        self.resources._validate(f"{prefix}.resources")
 
 
 @dataclass
@@ -141,7 +182,6 @@ class RewriterConfig(ModelConfig):
     """KALE rewrite: an LLM merges the dense caption and the alt-text; guard rails reject bad rewrites."""
 
     backend: Literal["transformers", "vllm"] = "transformers"
-    batch_size: int = 16
     system_prompt: str | None = DEFAULT_REWRITE_SYSTEM_PROMPT
     prompt_template: str = DEFAULT_REWRITE_TEMPLATE
     examples: list[RewriteExample] = field(default_factory=lambda: list(DEFAULT_REWRITE_EXAMPLES))
@@ -159,27 +199,18 @@ class RewriterConfig(ModelConfig):
     max_repeat_ratio: float = 0.25  # share of word n-grams that repeat an earlier one
     reject_truncated: bool = True  # stopped by max_new_tokens, not by the model
     reject_prompt_echo: bool = True  # repeats the template's labels ('Alt-text') or talks about them
-    # vLLM engine (backend: vllm): one engine per actor, continuous batching within it
-    tensor_parallel_size: int = 1
-    gpu_memory_utilization: float = 0.9
-    max_num_seqs: int = 256
+    # vLLM (backend: vllm): the longest prompt + rewrite the engine accepts; null: the model's
     max_model_len: int | None = None
-    enforce_eager: bool = False  # skip torch.compile and CUDA graphs: slower, starts in seconds
+    resources: RewriterResources = field(default_factory=RewriterResources)
 
     def _validate(self, prefix: str) -> None:
         super()._validate(prefix)
         for name in ("max_input_chars", "max_new_tokens", "max_chars", "repeat_ngram"):
             _positive(getattr(self, name), f"{prefix}.{name}")
-        _positive(self.tensor_parallel_size, f"{prefix}.tensor_parallel_size")
-        _positive(self.max_num_seqs, f"{prefix}.max_num_seqs")
         if not 0.0 < self.top_p <= 1.0:
             raise ConfigError(f"{prefix}.top_p: must be in (0, 1], got {self.top_p}")
         if self.temperature <= 0:
             raise ConfigError(f"{prefix}.temperature: must be > 0, got {self.temperature}")
-        if not 0.0 < self.gpu_memory_utilization <= 1.0:
-            raise ConfigError(
-                f"{prefix}.gpu_memory_utilization: must be in (0, 1], got {self.gpu_memory_utilization}"
-            )
         if not 0.0 < self.max_repeat_ratio <= 1.0:
             raise ConfigError(f"{prefix}.max_repeat_ratio: must be in (0, 1], got {self.max_repeat_ratio}")
         if self.max_length_ratio is not None:
@@ -197,10 +228,11 @@ class RewriterConfig(ModelConfig):
             )
         for i, example in enumerate(self.examples):
             example._validate(f"{prefix}.examples[{i}]")
-        if self.backend == "vllm" and 0 < self.num_gpus < self.tensor_parallel_size:
+        r = self.resources
+        if self.backend == "vllm" and 0 < r.num_gpus < r.tensor_parallel_size:
             raise ConfigError(
-                f"{prefix}.num_gpus: tensor_parallel_size={self.tensor_parallel_size} needs "
-                f"num_gpus >= {self.tensor_parallel_size} per actor, got {self.num_gpus}"
+                f"{prefix}.resources.num_gpus: tensor_parallel_size={r.tensor_parallel_size} needs "
+                f"num_gpus >= {r.tensor_parallel_size} per actor, got {r.num_gpus}"
             )
 
 
@@ -208,20 +240,23 @@ class RewriterConfig(ModelConfig):
 class FilterConfig(ModelConfig):
     """The ITM filter: BLIP image-text matching head."""
 
-    batch_size: int = 32
+    resources: ScorerResources = field(default_factory=ScorerResources)
 
 
 @dataclass
 class RankerConfig(ModelConfig):
     """The CLIP ranker: image-text cosine similarity."""
 
-    batch_size: int = 32
+    resources: ScorerResources = field(default_factory=ScorerResources)
 
 
 @dataclass
-class ReadConfig:
-    """The reader's blocks are the unit every later stage processes (model stages split
-    them into their own ``batch_size``). Fixed per shard, so reruns repeat captions."""
+class ReadResources:
+    """How the shards are read: block size, readers at once, the blocks' memory budget.
+
+    The reader's blocks are the unit every later stage processes (model stages split them
+    into their own ``batch_size``); each sample is seeded by its own key, so no block or
+    batch size changes what is written."""
 
     batch_size: int = 64
     # shards read at once; null: as many as free CPU slots allow. Each reader is a worker
@@ -243,13 +278,19 @@ class ReadConfig:
 
 
 @dataclass
-class DecodeConfig:
-    """Decoding in CPU tasks: guards against bombs and tiny images."""
+class ReadConfig:
+    """Reading the input shards: only execution settings (``resources``)."""
 
-    min_side: int = 1
-    max_pixels: int = 89_478_485  # PIL's own bomb limit
-    max_side: int = 1024  # decoded images are downscaled to this long side for the models
-    max_text_bytes: int = 65_536
+    resources: ReadResources = field(default_factory=ReadResources)
+
+    def _validate(self, prefix: str) -> None:
+        self.resources._validate(f"{prefix}.resources")
+
+
+@dataclass
+class DecodeResources:
+    """The decode CPU tasks' resources."""
+
     num_cpus: float = 0.5
     concurrency: int | None = None  # decode tasks at once; null: as many as free CPU slots allow
     # memory each decode task reserves in Ray's scheduler (a block's decoded pixels). A
@@ -258,9 +299,25 @@ class DecodeConfig:
     memory_mb: int = 256
 
     def _validate(self, prefix: str) -> None:
+        if self.num_cpus < 0:
+            raise ConfigError(f"{prefix}.num_cpus: must be >= 0, got {self.num_cpus}")
         if self.concurrency is not None:
             _positive(self.concurrency, f"{prefix}.concurrency")
         _positive(self.memory_mb, f"{prefix}.memory_mb")
+
+
+@dataclass
+class DecodeConfig:
+    """Decoding in CPU tasks: guards against bombs and tiny images."""
+
+    min_side: int = 1
+    max_pixels: int = 89_478_485  # PIL's own bomb limit
+    max_side: int = 1024  # decoded images are downscaled to this long side for the models
+    max_text_bytes: int = 65_536
+    resources: DecodeResources = field(default_factory=DecodeResources)
+
+    def _validate(self, prefix: str) -> None:
+        self.resources._validate(f"{prefix}.resources")
         _positive(self.min_side, f"{prefix}.min_side")
         _positive(self.max_pixels, f"{prefix}.max_pixels")
         _positive(self.max_side, f"{prefix}.max_side")
@@ -302,6 +359,20 @@ URL_LIST_FORMATS: tuple[str, ...] = typing.get_args(UrlListFormat)
 
 
 @dataclass
+class IngestResources:
+    """How img2dataset downloads: processes, threads, local or on the Ray cluster."""
+
+    processes: int | None = None  # null: one per CPU (at most 16)
+    threads: int = 32  # download threads per process
+    distributor: Literal["auto", "multiprocessing", "ray"] = "auto"  # auto: ray inside a Ray job
+
+    def _validate(self, prefix: str) -> None:
+        _positive(self.threads, f"{prefix}.threads")
+        if self.processes is not None:
+            _positive(self.processes, f"{prefix}.processes")
+
+
+@dataclass
 class IngestConfig:
     """Download a URL + alt-text list with img2dataset (``curate ingest``, or ``curate run``
     given a URL list). Defaults suit curation: WebDataset shards, images shrunk to
@@ -321,18 +392,15 @@ class IngestConfig:
     timeout: float = 10.0  # seconds per request
     retries: int = 2
     samples_per_shard: int = 10_000
-    processes: int | None = None  # null: one per CPU (at most 16)
-    threads: int = 32  # download threads per process
-    distributor: Literal["auto", "multiprocessing", "ray"] = "auto"  # auto: ray inside a Ray job
     incremental_mode: Literal["incremental", "overwrite", "extend"] = "incremental"
     user_agent_token: str = "curate"
     respect_opt_out_headers: bool = True
+    resources: IngestResources = field(default_factory=IngestResources)
 
     def _validate(self, prefix: str) -> None:
-        for name in ("image_size", "timeout", "samples_per_shard", "threads", "encode_quality"):
+        for name in ("image_size", "timeout", "samples_per_shard", "encode_quality"):
             _positive(getattr(self, name), f"{prefix}.{name}")
-        if self.processes is not None:
-            _positive(self.processes, f"{prefix}.processes")
+        self.resources._validate(f"{prefix}.resources")
         if self.retries < 0:
             raise ConfigError(f"{prefix}.retries: must be >= 0, got {self.retries}")
         if self.min_image_size < 0:
@@ -466,6 +534,14 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
     unknown = sorted(set(data) - known)
     if unknown:
         where = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
+        resources = hints.get("resources")
+        if dataclasses.is_dataclass(resources) and unknown[0] in {
+            f.name for f in dataclasses.fields(resources)
+        }:
+            raise ConfigError(
+                f"{where}: execution settings moved to their own sub-section: write "
+                f"{prefix}.resources.{unknown[0]} (resources: {{{unknown[0]}: ...}} under {prefix})"
+            )
         raise ConfigError(f"{where}: unknown field (known: {', '.join(sorted(known))})")
     kwargs = {}
     for key, value in data.items():

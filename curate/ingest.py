@@ -357,7 +357,7 @@ def run_ingest(
         progress.total = plan.urls
     if not skipped:
         img2dataset = import_img2dataset()
-        distributor = resolve_distributor(cfg.distributor)
+        distributor = resolve_distributor(cfg.resources.distributor)
         if distributor == "ray":
             _ensure_ray(ray_address)
         with _stdout_to_stderr(), _watch(plan, progress):
@@ -377,8 +377,8 @@ def run_ingest(
                 timeout=cfg.timeout,
                 retries=cfg.retries,
                 number_sample_per_shard=cfg.samples_per_shard,
-                processes_count=cfg.processes or min(MAX_AUTO_PROCESSES, os.cpu_count() or 1),
-                thread_count=cfg.threads,
+                processes_count=cfg.resources.processes or min(MAX_AUTO_PROCESSES, os.cpu_count() or 1),
+                thread_count=cfg.resources.threads,
                 distributor=distributor,
                 incremental_mode=cfg.incremental_mode,
                 user_agent_token=cfg.user_agent_token,

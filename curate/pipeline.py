@@ -81,27 +81,28 @@ def _map_actor(ds, stage: type, cfg: ModelConfig, block_rows: int, **kwargs: Any
     A block is one reader batch of one shard, the same in every run, so the stage's own
     model batches (and their sampling seeds) are too. Ray Data's public ``map_batches``
     refuses ``batch_size=None`` for a stage that asks for GPUs (it guards against
-    unbounded blocks; ours are ``read.batch_size`` rows at most), so a GPU stage goes
+    unbounded blocks; ours are ``read.resources.batch_size`` rows at most), so a GPU stage goes
     through the same call without that check, which Ray's own ``groupby().map_groups``
     uses for whole groups on GPUs. Where a Ray release has no such call, the GPU stage
-    gets batches of ``block_rows`` (``read.batch_size``) rows: a shard's short last block
+    gets batches of ``block_rows`` (``read.resources.batch_size``) rows: a shard's short last block
     may then share a batch with the next shard's rows.
     """
     import ray.data
 
+    res = cfg.resources
     args: dict[str, Any] = {
         "fn_constructor_kwargs": {"cfg": cfg, **kwargs},
         "batch_size": None,
-        "compute": ray.data.ActorPoolStrategy(size=cfg.concurrency),
-        "num_cpus": cfg.num_cpus,
-        "num_gpus": cfg.num_gpus,
+        "compute": ray.data.ActorPoolStrategy(size=res.concurrency),
+        "num_cpus": res.num_cpus,
+        "num_gpus": res.num_gpus,
         "batch_format": "pyarrow",
         "zero_copy_batch": True,
         # Ray Data's actor pools default to max_restarts=-1 and max_task_retries=-1: an
         # actor lost with its process or node is restarted and its batch retried
     }
     map_batches = ds.map_batches
-    if cfg.num_gpus > 0:
+    if res.num_gpus > 0:
         unchecked = getattr(ds, "map_batches_internal", None) or getattr(
             ds, "_map_batches_without_batch_size_validation", None
         )
@@ -125,9 +126,10 @@ def _quiet_driver(ds, cfg: PipelineConfig):
     the driver does not need (no progress bars: the CLI reports progress per shard; no
     issue detectors; no stats dump at the end; a slower idle wake)."""
     ctx = ds.context  # this dataset's own context: other datasets of the driver keep theirs
-    if cfg.read.in_flight_mb:
+    in_flight_mb = cfg.read.resources.in_flight_mb
+    if in_flight_mb:
         limits = ctx.execution_options.resource_limits
-        ctx.execution_options.resource_limits = limits.copy(object_store_memory=cfg.read.in_flight_mb * 2**20)
+        ctx.execution_options.resource_limits = limits.copy(object_store_memory=in_flight_mb * 2**20)
     ctx.enable_progress_bars = False
     ctx.enable_auto_log_stats = False
     with contextlib.suppress(AttributeError):
@@ -153,6 +155,7 @@ def build_dataset(cfg: PipelineConfig, shards: list[ShardRef], output: str):
     ds = ray.data.from_items(
         [{"url": s.url, "name": s.name} for s in shards], override_num_blocks=len(shards)
     )
+    read, decode = cfg.read.resources, cfg.decode.resources
     if not cfg.models():
         # convert / re-shard: one task per shard reads, checks and writes it, so no image
         # crosses the object store, no part files or commit tasks, and the driver sees one
@@ -161,7 +164,7 @@ def build_dataset(cfg: PipelineConfig, shards: list[ShardRef], output: str):
             ds.map_batches(
                 convert_shards,
                 fn_kwargs={
-                    "batch_size": cfg.read.batch_size,
+                    "batch_size": read.batch_size,
                     "decode": cfg.decode,
                     "policy": cfg.policy,
                     "output": output,
@@ -169,32 +172,32 @@ def build_dataset(cfg: PipelineConfig, shards: list[ShardRef], output: str):
                 },
                 batch_size=1,
                 batch_format="pyarrow",
-                num_cpus=cfg.decode.num_cpus,
-                compute=ray.data.TaskPoolStrategy(size=cfg.read.concurrency or cfg.decode.concurrency),
-                memory=cfg.decode.memory_mb * 2**20,
+                num_cpus=decode.num_cpus,
+                compute=ray.data.TaskPoolStrategy(size=read.concurrency or decode.concurrency),
+                memory=decode.memory_mb * 2**20,
             ),
             cfg,
         )
     ds = ds.map_batches(
         read_shards_batch,
-        fn_kwargs={"batch_size": cfg.read.batch_size},
+        fn_kwargs={"batch_size": read.batch_size},
         batch_size=1,
         batch_format="pyarrow",
         num_cpus=0.25,
-        compute=ray.data.TaskPoolStrategy(size=cfg.read.concurrency),
+        compute=ray.data.TaskPoolStrategy(size=read.concurrency),
     )
     ds = ds.map_batches(
         decode_batch,
         fn_kwargs={"cfg": cfg.decode},
         batch_size=None,
         batch_format="pyarrow",
-        num_cpus=cfg.decode.num_cpus,
-        compute=ray.data.TaskPoolStrategy(size=cfg.decode.concurrency),
+        num_cpus=decode.num_cpus,
+        compute=ray.data.TaskPoolStrategy(size=decode.concurrency),
         # A memory request the actors do not make: remote args that differ keep Ray Data
         # from fusing decode into the captioner; as tasks, decoding overlaps with inference.
-        memory=cfg.decode.memory_mb * 2**20,
+        memory=decode.memory_mb * 2**20,
     )
-    rows, errors, seed = cfg.read.batch_size, cfg.error_policy, cfg.seed
+    rows, errors, seed = read.batch_size, cfg.error_policy, cfg.seed
     if cfg.captioner is not None:
         ds = _map_actor(ds, CaptionStage, cfg.captioner, rows, seed=seed, error_policy=errors)
     if cfg.rewriter is not None:
@@ -247,36 +250,18 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, log_to_dri
     return f"embedded local Ray ({cpus} CPUs)"
 
 
-# where and how fast a stage runs does not change what it writes
-EXECUTION_FIELDS = frozenset(
-    {
-        "device",
-        "batch_size",
-        "num_gpus",
-        "num_cpus",
-        "concurrency",
-        "num_threads",
-        "memory_mb",  # decode's scheduling request
-        "in_flight_mb",  # the object-store budget of a run's blocks
-        # vLLM engine sizing (rewriter)
-        "tensor_parallel_size",
-        "gpu_memory_utilization",
-        "max_num_seqs",
-        "enforce_eager",
-        # img2dataset sizing (ingest)
-        "processes",
-        "threads",
-        "distributor",
-    }
-)
+def _without_resources(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _without_resources(v) for k, v in value.items() if k != "resources"}
+    if isinstance(value, list):
+        return [_without_resources(v) for v in value]
+    return value
 
 
 def config_fingerprint(cfg: PipelineConfig) -> str:
-    """Identifies what a pipeline writes; resuming with other resources is allowed."""
-    data = cfg.to_dict()
-    for section in ("captioner", "rewriter", "filter", "ranker", "read", "decode", "ingest"):
-        if isinstance(data.get(section), dict):
-            data[section] = {k: v for k, v in data[section].items() if k not in EXECUTION_FIELDS}
+    """Identifies what a pipeline writes: the configuration without any section's
+    ``resources`` (where and how fast a stage runs), so a run resumes with other resources."""
+    data = _without_resources(cfg.to_dict())
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 

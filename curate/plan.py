@@ -17,10 +17,11 @@ from curate.io.writer import PIPELINE_FILE, done_shards
 
 
 def _actor(m: ModelConfig) -> str:
-    threads = f", {m.num_threads} torch thread(s)" if m.num_threads else ""
+    r = m.resources
+    threads = f", {r.num_threads} torch thread(s)" if r.num_threads else ""
     return (
-        f"{m.concurrency} actor(s) x ({m.num_cpus:g} CPU, {m.num_gpus:g} GPU{threads}), "
-        f"batch {m.batch_size}, device {m.device}, {m.dtype}"
+        f"{r.concurrency} actor(s) x ({r.num_cpus:g} CPU, {r.num_gpus:g} GPU{threads}), "
+        f"batch {r.batch_size}, device {r.device}, {m.dtype}"
     )
 
 
@@ -28,14 +29,14 @@ def stage_lines(cfg: PipelineConfig) -> list[tuple[str, str]]:
     """(stage, how it runs) in the order a block passes through them."""
     from curate.stages.models import fused_scoring
 
-    read, decode = cfg.read, cfg.decode
+    read, decode, task = cfg.read.resources, cfg.decode, cfg.decode.resources
     at_once = lambda n: f"at most {n} at once" if n else "as many as free CPUs allow"  # noqa: E731
     if not cfg.models():
         return [
             (
                 "read + decode + write",
-                f"one CPU task per shard ({decode.num_cpus:g} CPU, {decode.memory_mb} MB), "
-                f"{at_once(read.concurrency or decode.concurrency)}; blocks of {read.batch_size} rows; "
+                f"one CPU task per shard ({task.num_cpus:g} CPU, {task.memory_mb} MB), "
+                f"{at_once(read.concurrency or task.concurrency)}; blocks of {read.batch_size} rows; "
                 f"images checked (min_side {decode.min_side}, max_pixels {decode.max_pixels})",
             )
         ]
@@ -43,7 +44,7 @@ def stage_lines(cfg: PipelineConfig) -> list[tuple[str, str]]:
         ("read", f"CPU tasks (0.25 CPU), {at_once(read.concurrency)}; blocks of {read.batch_size} rows"),
         (
             "decode",
-            f"CPU tasks ({decode.num_cpus:g} CPU, {decode.memory_mb} MB), {at_once(decode.concurrency)}; "
+            f"CPU tasks ({task.num_cpus:g} CPU, {task.memory_mb} MB), {at_once(task.concurrency)}; "
             f"max_side {decode.max_side}",
         ),
     ]

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -12,7 +13,13 @@ import yaml
 from curate.config import (
     CaptionerConfig,
     ConfigError,
+    DecodeResources,
+    IngestResources,
+    ModelResources,
     PipelineConfig,
+    ReadResources,
+    RewriterResources,
+    ScorerResources,
     apply_overrides,
     load_pipeline,
     parse_override,
@@ -122,10 +129,14 @@ def test_top_p_of_one_is_allowed():
         ({"captioner": {**CAPTIONER, "num_captions": 0}}, r"captioner\.num_captions: must be > 0"),
         ({"captioner": {**CAPTIONER, "temperature": 0}}, r"captioner\.temperature"),
         ({"captioner": {"num_captions": 3}}, r"captioner\.model: .*required"),
-        ({"filter": {**FILTER, "batch_size": 0}}, r"filter\.batch_size: must be > 0"),
-        ({"ranker": {**RANKER, "num_gpus": -1}}, r"ranker\.num_gpus: must be >= 0"),
+        (
+            {"filter": {**FILTER, "resources": {"batch_size": 0}}},
+            r"filter\.resources\.batch_size: must be > 0",
+        ),
+        ({"ranker": {**RANKER, "resources": {"num_gpus": -1}}}, r"ranker\.resources\.num_gpus: must be >= 0"),
         ({"decode": {"min_side": 0}}, r"decode\.min_side: must be > 0"),
-        ({"read": {"in_flight_mb": 0}}, r"read\.in_flight_mb: must be > 0"),
+        ({"decode": {"resources": {"memory_mb": 0}}}, r"decode\.resources\.memory_mb: must be > 0"),
+        ({"read": {"resources": {"in_flight_mb": 0}}}, r"read\.resources\.in_flight_mb: must be > 0"),
         ({"filter": FILTER, "policy": {"itm_threshold": 1.5}}, r"policy\.itm_threshold: must be in \[0, 1\]"),
         ({"ranker": RANKER, "policy": {"top_k": 0}}, r"policy\.top_k: must be > 0"),
     ],
@@ -162,10 +173,55 @@ def test_beam_with_more_captions_than_beams():
 
 
 def test_cuda_device_needs_gpus():
-    with pytest.raises(ConfigError, match=r"ranker\.device: 'cuda' needs ranker\.num_gpus > 0"):
-        build(ranker={**RANKER, "device": "cuda", "num_gpus": 0}, policy={"top_k": 1})
-    cfg = build(ranker={**RANKER, "device": "cuda", "num_gpus": 0.5}, policy={"top_k": 1})
-    assert cfg.ranker.num_gpus == 0.5
+    with pytest.raises(
+        ConfigError, match=r"ranker\.resources\.device: 'cuda' needs ranker\.resources\.num_gpus > 0"
+    ):
+        build(ranker={**RANKER, "resources": {"device": "cuda", "num_gpus": 0}}, policy={"top_k": 1})
+    cfg = build(ranker={**RANKER, "resources": {"device": "cuda", "num_gpus": 0.5}}, policy={"top_k": 1})
+    assert cfg.ranker.resources.num_gpus == 0.5
+
+
+# -- execution settings apart from what is written -------------------------------------------------
+
+# every field of every section's resources, as a flat field of the section
+FLAT_RESOURCES = [
+    (section, name)
+    for section, sub in [
+        ("captioner", ModelResources),
+        ("filter", ScorerResources),
+        ("ranker", ScorerResources),
+        ("rewriter", RewriterResources),
+        ("read", ReadResources),
+        ("decode", DecodeResources),
+        ("ingest", IngestResources),
+    ]
+    for name in (f.name for f in dataclasses.fields(sub))
+]
+
+
+@pytest.mark.parametrize(("section", "name"), FLAT_RESOURCES, ids=[f"{s}.{n}" for s, n in FLAT_RESOURCES])
+def test_an_old_flat_execution_field_names_its_new_place(section, name, tmp_path):
+    value = {"device": "cpu", "distributor": "ray"}.get(name, 1)
+    sections = {section: {name: value}}
+    if section in ("captioner", "filter", "ranker", "rewriter"):
+        sections[section]["model"] = "some/model"
+    path = write_yaml(tmp_path / "p.yaml", sections)
+    with pytest.raises(ConfigError, match=rf"{section}\.{name}: .*write {section}\.resources\.{name}\b"):
+        load_pipeline(path)
+    # on the command line too, before any work starts
+    with pytest.raises(ConfigError, match=rf"{section}\.resources\.{name}\b"):
+        load_pipeline(write_yaml(tmp_path / "q.yaml", {}), [f"{section}.{name}={value}"])
+
+
+def test_resources_have_each_sections_own_defaults():
+    cfg = build(captioner=CAPTIONER, filter=FILTER, ranker=RANKER, rewriter={"model": "some/llm"})
+    assert cfg.captioner.resources.batch_size == 8
+    assert cfg.filter.resources.batch_size == cfg.ranker.resources.batch_size == 32
+    assert cfg.rewriter.resources.batch_size == 16 and cfg.rewriter.resources.max_num_seqs == 256
+    # a partial resources section keeps the other defaults of its own section
+    cfg = build(filter={**FILTER, "resources": {"num_cpus": 2}})
+    assert cfg.filter.resources.batch_size == 32 and cfg.filter.resources.num_cpus == 2.0
+    assert cfg.read.resources.batch_size == 64 and cfg.decode.resources.memory_mb == 256
 
 
 # -- files and overrides -------------------------------------------------------------------------

@@ -101,13 +101,13 @@ def test_rayjob_entrypoint_pipeline_and_overrides_are_valid(entrypoint_args: arg
     cfg = load_pipeline(pipeline, args.overrides)  # raises ConfigError on a bad --set
     # the example puts every model stage on GPUs
     for name, model in cfg.models().items():
-        assert model.num_gpus > 0, name
+        assert model.resources.num_gpus > 0, name
     assert "://" in args.output, "a job's output should be a URL, not a path inside its working dir"
 
 
 def test_rayjob_gpu_group_fits_the_declared_actors(rayjob: dict, entrypoint_args: argparse.Namespace) -> None:
     cfg = load_pipeline(REPO / entrypoint_args.pipeline, entrypoint_args.overrides)
-    needed = sum(m.num_gpus * m.concurrency for m in cfg.models().values())
+    needed = sum(m.resources.num_gpus * m.resources.concurrency for m in cfg.models().values())
     groups = rayjob["spec"]["rayClusterSpec"]["workerGroupSpecs"]
     available = sum(g["maxReplicas"] * _gpu_request(g) for g in groups)
     assert available >= needed, (available, needed)

@@ -337,8 +337,8 @@ def test_ingest_then_curate_accounts_for_every_url(image_server, tmp_path):
     pipeline = tmp_path / "alt_only.yaml"
     pipeline.write_text(
         "name: alt_only\npolicy: {}\n"
-        "ingest:\n  timeout: 1\n  retries: 0\n  processes: 1\n  threads: 4\n  samples_per_shard: 5\n"
-        "  distributor: multiprocessing\n"
+        "ingest:\n  timeout: 1\n  retries: 0\n  samples_per_shard: 5\n"
+        "  resources: {processes: 1, threads: 4, distributor: multiprocessing}\n"
     )
     out = tmp_path / "out"
 

@@ -7,7 +7,7 @@ import logging
 import sys
 import time
 
-from curate.config import URL_LIST_FORMATS, IngestConfig
+from curate.config import URL_LIST_FORMATS, IngestConfig, IngestResources
 
 _DEFAULTS = IngestConfig()
 
@@ -52,11 +52,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--retries", type=int, default=_DEFAULTS.retries, help="default %(default)s")
     p.add_argument("--samples-per-shard", type=int, default=_DEFAULTS.samples_per_shard)
     p.add_argument("--processes", type=int, default=None, help="download processes (default: one per CPU)")
-    p.add_argument("--threads", type=int, default=_DEFAULTS.threads, help="threads per process")
+    p.add_argument("--threads", type=int, default=_DEFAULTS.resources.threads, help="threads per process")
     p.add_argument(
         "--distributor",
         choices=["auto", "multiprocessing", "ray"],
-        default=_DEFAULTS.distributor,
+        default=_DEFAULTS.resources.distributor,
         help="auto: ray inside a Ray job (RAY_JOB_ID / RAY_ADDRESS set), else multiprocessing",
     )
     p.add_argument("--ray-address", default=None, help="Ray cluster for --distributor ray")
@@ -98,9 +98,9 @@ def cmd_ingest(args: argparse.Namespace) -> int:
         timeout=args.timeout,
         retries=args.retries,
         samples_per_shard=args.samples_per_shard,
-        processes=args.processes,
-        threads=args.threads,
-        distributor=args.distributor,
+        resources=IngestResources(
+            processes=args.processes, threads=args.threads, distributor=args.distributor
+        ),
         incremental_mode=args.incremental_mode,
         user_agent_token=args.user_agent_token,
         respect_opt_out_headers=not args.ignore_opt_out_headers,

@@ -123,14 +123,14 @@ def gpu_shortfall(cfg) -> str | None:
     """Stages that declare GPUs on a cluster that has none would wait forever: say so."""
     import ray
 
-    need = {name: m.num_gpus for name, m in cfg.models().items() if m.num_gpus > 0}
+    need = {name: m.resources.num_gpus for name, m in cfg.models().items() if m.resources.num_gpus > 0}
     if not need:
         return None
     have = ray.cluster_resources().get("GPU", 0)
     if have > 0:
         return None
-    stages = ", ".join(f"{n}.num_gpus={g:g}" for n, g in need.items())
-    fix = " ".join(f"--set {n}.num_gpus=0 --set {n}.device=cpu" for n in need)
+    stages = ", ".join(f"{n}.resources.num_gpus={g:g}" for n, g in need.items())
+    fix = " ".join(f"--set {n}.resources.num_gpus=0 --set {n}.resources.device=cpu" for n in need)
     return f"the pipeline declares GPUs ({stages}) but the Ray cluster has none; to run on CPU: {fix}"
 
 

@@ -222,4 +222,5 @@ def open_captioner(
 
 def load_captioner(cfg: CaptionerConfig) -> Captioner:
     """The captioner a pipeline's ``captioner`` section describes."""
-    return open_captioner(LoadOptions.of(cfg), generation_settings(cfg), device=cfg.device, dtype=cfg.dtype)
+    settings = generation_settings(cfg)
+    return open_captioner(LoadOptions.of(cfg), settings, device=cfg.resources.device, dtype=cfg.dtype)

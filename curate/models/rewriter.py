@@ -261,14 +261,14 @@ class VLLMRewriter:
 def load_rewriter(cfg: RewriterConfig, settings: RewriteSettings, seed: int = 0) -> Rewriter | VLLMRewriter:
     """The backend a pipeline's ``rewriter`` section names, behind the one call shape
     ``rewriter(prompts, seed=...) -> [Rewrite]``."""
-    load = LoadOptions.of(cfg)
+    load, res = LoadOptions.of(cfg), cfg.resources
     if cfg.backend == "vllm":
         engine = VLLMEngineSettings(
-            tensor_parallel_size=cfg.tensor_parallel_size,
-            gpu_memory_utilization=cfg.gpu_memory_utilization,
-            max_num_seqs=cfg.max_num_seqs,
+            tensor_parallel_size=res.tensor_parallel_size,
+            gpu_memory_utilization=res.gpu_memory_utilization,
+            max_num_seqs=res.max_num_seqs,
             max_model_len=cfg.max_model_len,
-            enforce_eager=cfg.enforce_eager,
+            enforce_eager=res.enforce_eager,
         )
         return VLLMRewriter(load, settings, engine, dtype=cfg.dtype, seed=seed)
-    return Rewriter(load, settings, device=cfg.device, dtype=cfg.dtype, batch_size=cfg.batch_size)
+    return Rewriter(load, settings, device=res.device, dtype=cfg.dtype, batch_size=res.batch_size)

@@ -136,6 +136,7 @@ def open_scorer(
 
 def load_scorer(cfg: ModelConfig, fields: tuple[str, ...]) -> Scorer:
     """The scorer a pipeline's ``filter`` or ``ranker`` section describes, for ``fields``."""
+    res = cfg.resources
     return open_scorer(
-        LoadOptions.of(cfg), fields, device=cfg.device, dtype=cfg.dtype, batch_size=cfg.batch_size
+        LoadOptions.of(cfg), fields, device=res.device, dtype=cfg.dtype, batch_size=res.batch_size
     )

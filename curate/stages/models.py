@@ -86,12 +86,12 @@ class CaptionStage(_ModelStage):
     name = "captioner"
 
     def __init__(self, cfg: CaptionerConfig, seed: int = 0, error_policy: str = "capture") -> None:
-        super().__init__(error_policy, cfg.num_threads)
+        super().__init__(error_policy, cfg.resources.num_threads)
         from curate.models.captioner import load_captioner
 
         _quiet_transformers()
         self.seed = seed
-        self.batch_size = cfg.batch_size
+        self.batch_size = cfg.resources.batch_size
         self.model = load_captioner(cfg)
 
     def process(self, rows: list[dict]) -> None:
@@ -118,11 +118,11 @@ class _ScoreStage(_ModelStage):
     fields: tuple[str, ...] = ()
 
     def __init__(self, cfg: FilterConfig | RankerConfig, error_policy: str = "capture") -> None:
-        super().__init__(error_policy, cfg.num_threads)
+        super().__init__(error_policy, cfg.resources.num_threads)
         from curate.models.scorer import load_scorer
 
         _quiet_transformers()
-        self.batch_size = cfg.batch_size
+        self.batch_size = cfg.resources.batch_size
         self.model = load_scorer(cfg, self.fields)
 
     def process(self, rows: list[dict]) -> None:
@@ -157,8 +157,10 @@ def fused_scoring(filter_cfg: FilterConfig | None, ranker_cfg: RankerConfig | No
     the same way: one stage can compute both scores from one encoding of each image and text."""
     if filter_cfg is None or ranker_cfg is None:
         return False
-    same = ("model", "revision", "device", "dtype", "trust_remote_code", "allow_pickle_weights")
+    same = ("model", "revision", "dtype", "trust_remote_code", "allow_pickle_weights")
     if any(getattr(filter_cfg, k) != getattr(ranker_cfg, k) for k in same):
+        return False
+    if filter_cfg.resources.device != ranker_cfg.resources.device:
         return False
     config = Path(filter_cfg.model) / "config.json"
     try:
@@ -169,7 +171,7 @@ def fused_scoring(filter_cfg: FilterConfig | None, ranker_cfg: RankerConfig | No
 
 class ScoreStage(_ScoreStage):
     """Filter and ranker in one actor for a bridge filter: ``itm_score`` and ``clip_score``
-    from one pass (the filter section's batch size and resources apply)."""
+    from one pass (the filter section's resources apply)."""
 
     name = "filter+ranker"
     fields = (ITM_SCORE, CLIP_SCORE)

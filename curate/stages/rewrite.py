@@ -175,7 +175,7 @@ class RewriteStage(_ModelStage):
     name = "rewriter"
 
     def __init__(self, cfg: RewriterConfig, seed: int = 0, error_policy: str = "capture") -> None:
-        super().__init__(error_policy, cfg.num_threads)
+        super().__init__(error_policy, cfg.resources.num_threads)
         from curate.models.rewriter import RewriteSettings, load_rewriter
 
         _quiet_transformers()

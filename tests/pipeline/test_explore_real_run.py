@@ -40,10 +40,10 @@ def real_run(tiny_models, tmp_path_factory) -> Path:
                 "model": str(tiny_models["captioner"]),
                 "num_captions": 3,
                 "max_new_tokens": 6,
-                "device": "cpu",
+                "resources": {"device": "cpu"},
             },
-            "filter": {"model": str(tiny_models["itm"]), "device": "cpu"},
-            "ranker": {"model": str(tiny_models["clip"]), "device": "cpu"},
+            "filter": {"model": str(tiny_models["itm"]), "resources": {"device": "cpu"}},
+            "ranker": {"model": str(tiny_models["clip"]), "resources": {"device": "cpu"}},
             # a threshold in the middle of the tiny ITM's scores gives kept and dropped samples
             "policy": {"itm_threshold": 0.5, "top_k": 2},
         }

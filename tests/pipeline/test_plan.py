@@ -35,7 +35,7 @@ def test_decode_stays_in_cpu_tasks_and_one_actor_scores_with_the_bridge_filter(l
     cfg = load_pipeline(REPO / "pipelines" / "demo.yaml")
     cfg.filter.model = cfg.ranker.model = str(REPO / "pipelines" / "models" / "bridge-filter")
     if layout == "default concurrency":  # task and actor pool sizes alone no longer tell them apart
-        cfg.decode.concurrency, cfg.captioner.concurrency = None, 1
+        cfg.decode.resources.concurrency, cfg.captioner.resources.concurrency = None, 1
     text = plan(cfg)
     assert "TaskPoolMapOperator[MapBatches(decode_batch)]" in text
     assert "decode_batch)->MapBatches(CaptionStage)" not in text  # not fused into the actor
@@ -73,7 +73,7 @@ def test_gpu_stages_plan_with_whole_blocks():
 def test_in_flight_budget_bounds_this_datasets_object_store_use_only():
     import ray.data
 
-    cfg = load_pipeline(REPO / "pipelines" / "demo.yaml", ["read.in_flight_mb=300"])
+    cfg = load_pipeline(REPO / "pipelines" / "demo.yaml", ["read.resources.in_flight_mb=300"])
     ds = planned(cfg)
     assert ds.context.execution_options.resource_limits.object_store_memory == 300 * 2**20
     default = ray.data.DataContext.get_current().execution_options.resource_limits

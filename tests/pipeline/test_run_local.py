@@ -28,12 +28,12 @@ def _config(models: dict[str, Path], **policy) -> dict:
             "model": str(models["captioner"]),
             "num_captions": 3,
             "max_new_tokens": 6,
-            "device": "cpu",
+            "resources": {"device": "cpu"},
         },
-        "filter": {"model": str(models["itm"]), "device": "cpu", "batch_size": 8},
-        "ranker": {"model": str(models["clip"]), "device": "cpu", "batch_size": 8},
+        "filter": {"model": str(models["itm"]), "resources": {"device": "cpu", "batch_size": 8}},
+        "ranker": {"model": str(models["clip"]), "resources": {"device": "cpu", "batch_size": 8}},
         "policy": policy or {"itm_threshold": 0.0, "top_k": 2},
-        "read": {"batch_size": 4},
+        "read": {"resources": {"batch_size": 4}},
         "decode": {"min_side": 8},
     }
 
@@ -184,7 +184,7 @@ def test_cli_embedded_ray_with_overrides_and_failures(tiny_models, inputs, tmp_p
     """The real CLI in a fresh process (its own embedded Ray)."""
     pipeline = tmp_path / "alt_only.yaml"
     pipeline.write_text(
-        "name: alt_only\nranker:\n  model: {}\n  device: cpu\npolicy:\n  top_k: 1\n".format(
+        "name: alt_only\nranker:\n  model: {}\n  resources: {{device: cpu}}\npolicy:\n  top_k: 1\n".format(
             tiny_models["clip"]
         )
     )
@@ -245,9 +245,9 @@ def test_cli_embedded_ray_with_overrides_and_failures(tiny_models, inputs, tmp_p
         "--output",
         str(tmp_path / "gpu"),
         "--set",
-        "ranker.num_gpus=1",
+        "ranker.resources.num_gpus=1",
         "--num-cpus",
         "4",
         cwd=tmp_path,
     )
-    assert gpu.returncode == 2 and "ranker.num_gpus=1" in gpu.stderr
+    assert gpu.returncode == 2 and "ranker.resources.num_gpus=1" in gpu.stderr

@@ -21,10 +21,10 @@ def test_every_hostile_case_is_a_row(ray_local, tiny_models, tmp_path: Path):
     cfg = pipeline_from_dict(
         {
             "name": "hostile",
-            "ranker": {"model": str(tiny_models["clip"]), "device": "cpu", "batch_size": 4},
+            "ranker": {"model": str(tiny_models["clip"]), "resources": {"device": "cpu", "batch_size": 4}},
             "policy": {"top_k": 1},
             "decode": {"min_side": 8},
-            "read": {"batch_size": 5},
+            "read": {"resources": {"batch_size": 5}},
         }
     )
     out = tmp_path / "out"

@@ -48,10 +48,10 @@ def pipeline_file(tiny_models, tmp_path_factory) -> Path:
     p.write_text(
         f"""name: resume
 seed: 3
-read: {{batch_size: 4}}
+read: {{resources: {{batch_size: 4}}}}
 captioner: {{model: {tiny_models["captioner"]}, num_captions: 2, max_new_tokens: 5,
-            device: cpu, batch_size: 2}}
-ranker: {{model: {tiny_models["clip"]}, device: cpu}}
+            resources: {{device: cpu, batch_size: 2}}}}
+ranker: {{model: {tiny_models["clip"]}, resources: {{device: cpu}}}}
 policy: {{top_k: 2}}
 """
     )

@@ -18,8 +18,10 @@ from curate.config import (
     DEFAULT_REWRITE_SYSTEM_PROMPT,
     DEFAULT_REWRITE_TEMPLATE,
     ConfigError,
+    ModelResources,
     PolicyConfig,
     RewriterConfig,
+    RewriterResources,
     pipeline_from_dict,
 )
 from curate.schema import ROW_SAMPLE, SOURCE_ALT, SOURCE_KALE, SOURCE_SYNTHETIC, STATUS_PENDING, empty_row
@@ -291,16 +293,20 @@ def test_rewriter_config_validates_template_and_placement():
         pipeline_from_dict({"rewriter": {"model": "m"}})
     with pytest.raises(ConfigError, match=r"rewriter.backend: must be one of"):
         pipeline_from_dict({"captioner": CAPTIONER, "rewriter": {"model": "m", "backend": "llamacpp"}})
-    with pytest.raises(ConfigError, match=r"rewriter.num_gpus: tensor_parallel_size=2"):
+    with pytest.raises(ConfigError, match=r"rewriter\.resources\.num_gpus: tensor_parallel_size=2"):
         pipeline_from_dict(
             {
                 "captioner": CAPTIONER,
-                "rewriter": {"model": "m", "backend": "vllm", "tensor_parallel_size": 2, "num_gpus": 1},
+                "rewriter": {
+                    "model": "m",
+                    "backend": "vllm",
+                    "resources": {"tensor_parallel_size": 2, "num_gpus": 1},
+                },
             }
         )
-    with pytest.raises(ConfigError, match=r"rewriter.gpu_memory_utilization"):
+    with pytest.raises(ConfigError, match=r"rewriter\.resources\.gpu_memory_utilization"):
         pipeline_from_dict(
-            {"captioner": CAPTIONER, "rewriter": {"model": "m", "gpu_memory_utilization": 1.5}}
+            {"captioner": CAPTIONER, "rewriter": {"model": "m", "resources": {"gpu_memory_utilization": 1.5}}}
         )
 
 
@@ -427,7 +433,9 @@ def _row(i: int, alt: str | None, synthetic: list[str]) -> dict:
 
 
 def _stage(path: Path, **overrides) -> RewriteStage:
-    cfg = RewriterConfig(model=str(path), device="cpu", batch_size=2, **overrides)
+    cfg = RewriterConfig(
+        model=str(path), resources=RewriterResources(device="cpu", batch_size=2), **overrides
+    )
     return RewriteStage(cfg, seed=0, error_policy="raise")
 
 
@@ -494,13 +502,18 @@ def test_end_to_end_caption_rewrite_filter_rank_policy_writer(lms, tiny_models, 
     rows = [r for batch in read_shard(ShardRef(url=str(shard), name="00000"), batch_size=8) for r in batch]
     samples_rows = decode_rows([r for r in rows if r["row_type"] == ROW_SAMPLE], DecodeConfig())
     table = to_table(samples_rows)
-    cap = CaptionerConfig(model=str(tiny_models["captioner"]), num_captions=1, max_new_tokens=8, device="cpu")
+    cpu = ModelResources(device="cpu")
+    cap = CaptionerConfig(
+        model=str(tiny_models["captioner"]), num_captions=1, max_new_tokens=8, resources=cpu
+    )
     table = CaptionStage(cap, seed=0, error_policy="raise")(table)
     table = _stage(lms["cat"], max_new_tokens=1, reject_truncated=False)(table)
-    table = FilterStage(FilterConfig(model=str(tiny_models["itm"]), device="cpu"), error_policy="raise")(
+    table = FilterStage(FilterConfig(model=str(tiny_models["itm"]), resources=cpu), error_policy="raise")(
         table
     )
-    table = RankStage(RankerConfig(model=str(tiny_models["clip"]), device="cpu"), error_policy="raise")(table)
+    table = RankStage(RankerConfig(model=str(tiny_models["clip"]), resources=cpu), error_policy="raise")(
+        table
+    )
     policy = PolicyConfig(top_k=2, prefer_source="kale", prefer_margin=1.0)  # any score: the rewrite wins
     out = apply_policy_rows(to_rows(table), policy)
 

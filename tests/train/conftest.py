@@ -88,8 +88,8 @@ def curated_run(tiny_models, tmp_path_factory):
         {
             "name": "train_fixture",
             "captioner": {"model": str(tiny_models["captioner"]), "num_captions": 1, "max_new_tokens": 5,
-                          "device": "cpu"},
-            "filter": {"model": str(tiny_models["itm"]), "device": "cpu"},
+                          "resources": {"device": "cpu"}},
+            "filter": {"model": str(tiny_models["itm"]), "resources": {"device": "cpu"}},
             "policy": {"itm_threshold": 0.0},  # keep every text: the alt-text and a caption per sample
             "decode": {"min_side": 8},
         }

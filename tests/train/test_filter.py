@@ -410,19 +410,22 @@ def test_pipeline_wrappers_refuse_pickle_only_bridge(tmp_path, saved_bridge):
 
 
 def test_fused_score_stage_writes_the_scores_of_filter_then_ranker(saved_bridge, tmp_path):
-    from curate.config import FilterConfig, RankerConfig
+    from curate.config import FilterConfig, RankerConfig, ScorerResources
     from curate.stages.models import FilterStage, RankStage, ScoreStage, fused_scoring
     from curate.stages.rows import to_table
 
-    filter_cfg = FilterConfig(model=str(saved_bridge), device="cpu", batch_size=2)
-    ranker_cfg = RankerConfig(model=str(saved_bridge), device="cpu", batch_size=2)
+    cpu = ScorerResources(device="cpu", batch_size=2)
+    filter_cfg = FilterConfig(model=str(saved_bridge), resources=cpu)
+    ranker_cfg = RankerConfig(model=str(saved_bridge), resources=cpu)
     assert fused_scoring(filter_cfg, ranker_cfg)
     # a different model, dtype or a missing section: two stages, as before
     other = tmp_path / "other"
     other.mkdir()
     (other / "config.json").write_text('{"model_type": "blip"}')
-    assert not fused_scoring(filter_cfg, RankerConfig(model=str(other), device="cpu"))
-    assert not fused_scoring(filter_cfg, RankerConfig(model=str(saved_bridge), device="cpu", dtype="bf16"))
+    assert not fused_scoring(filter_cfg, RankerConfig(model=str(other), resources=cpu))
+    assert not fused_scoring(filter_cfg, RankerConfig(model=str(saved_bridge), resources=cpu, dtype="bf16"))
+    gpu = ScorerResources(device="cuda", num_gpus=1, batch_size=2)
+    assert not fused_scoring(filter_cfg, RankerConfig(model=str(saved_bridge), resources=gpu))
     assert not fused_scoring(filter_cfg, None)
 
     from curate.config import DecodeConfig

@@ -123,8 +123,9 @@ def test_finetuned_captioner_and_filter_run_in_curate_unchanged(
     pipeline = tmp_path / "capfilt.yaml"
     pipeline.write_text(
         "name: capfilt_finetuned\n"
-        f"captioner: {{model: {tiny_models['captioner']}, num_captions: 2, max_new_tokens: 5, device: cpu}}\n"
-        f"filter: {{model: {tiny_models['itm']}, device: cpu}}\n"
+        f"captioner: {{model: {tiny_models['captioner']}, num_captions: 2, max_new_tokens: 5, "
+        "resources: {device: cpu}}\n"
+        f"filter: {{model: {tiny_models['itm']}, resources: {{device: cpu}}}}\n"
         "policy: {itm_threshold: 0.0}\n"
         "decode: {min_side: 8}\n"
     )
