@@ -51,10 +51,13 @@ torch's FlopCounterMode and prints MFU (end to end and the model's) against
 ``--peak-tflops`` (default: the dense bf16 peak of a known GPU).
 A CPU smoke check, and the prepared command for one GPU (``bench/RESULTS.md``):
 
-    python -m train.pretrain_clip --bench --arch vit-b-32 --tokenizer bytes \\
-        --train data/openclipart/00000.tar --workers 0 --batch-size 8 --steps 4 --run-dir out/bench-clip
     python -m train.pretrain_clip --bench --arch vit-b-32 --tokenizer bytes --pad-text \\
-        --train data/openclipart/00000.tar --workers 0 --device cuda --loader-workers 14 \\
+        --train data/openclipart/00000.tar --workers 0 --batch-size 8 --steps 4 --loader-workers 1 \\
+        --run-dir out/bench-clip
+    mkdir -p /tmp/clip-shards   # 28 copies of one shard: every loader process reads whole shards
+    for i in $(seq -w 0 27); do cp data/openclipart/00000.tar /tmp/clip-shards/$i.tar; done
+    python -m train.pretrain_clip --bench --arch vit-b-32 --tokenizer bytes --pad-text \\
+        --train /tmp/clip-shards --workers 0 --device cuda --loader-workers 14 \\
         --batch-size 256 --steps 40 --run-dir out/bench-clip
 """
 

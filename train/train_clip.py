@@ -173,8 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     add("--log-every", type=int, default=50, help="steps per metrics line")
     add_launch_args(
         ap,
-        run_dir_help="metrics.jsonl, result.json and Ray Train's files",
-        run_dir_required=True,
+        run_dir="out/train_clip",
+        run_dir_help="metrics.jsonl, result.json, Ray Train's files",
         resume=False,
     )
     # model

@@ -296,9 +296,7 @@ def add_launch_args(
     parser: argparse.ArgumentParser,
     run_dir: str | None = None,
     run_dir_help: str = "checkpoints, metrics.jsonl and Ray Train's files",
-    run_dir_required: bool = False,
     resume: bool = True,
-    device: str = "cpu",
 ) -> None:
     """Where and on what a script trains: ``--workers``, ``--device``, ``--run-dir``, ``--resume``, ..."""
     add = parser.add_argument
@@ -306,13 +304,13 @@ def add_launch_args(
     add(
         "--device",
         choices=["auto", "cpu", "cuda"],
-        default=device,
+        default="cpu",
         help="cuda: one GPU per Ray Train worker; auto: each worker's own choice",
     )
     add("--cpus-per-worker", type=float, default=1.0, help="Ray CPUs reserved per worker")
     add("--threads", type=int, default=None, help="torch threads per worker (default: cores / workers)")
     add("--ray-address", default=None, help="join this Ray cluster (default: an embedded local Ray)")
-    add("--run-dir", default=run_dir, required=run_dir_required, help=run_dir_help)
+    add("--run-dir", default=run_dir, help=run_dir_help)
     if resume:
         add("--resume", action="store_true", help="continue from the newest checkpoint in the run dir")
 
