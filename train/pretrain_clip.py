@@ -179,7 +179,8 @@ def train_loop(config: dict) -> dict:
     ckpt_dir = run_dir / "checkpoints"
     if config.get("resume") and (ckpt := latest_checkpoint(ckpt_dir, "step")) is not None:
         state = load_checkpoint(ckpt, bare, optimizer, scheduler)
-        start_step, stream_state = state["step"], state["extra"]["streams"][info.rank]
+        start_step = state["step"]
+        stream_state = StreamCursor.of_worker(state["extra"]["streams"], info.rank, info.world_size)
         if info.is_main:
             log.info("resumed from %s (step %d done)", ckpt, start_step)
 

@@ -33,19 +33,17 @@ COLOURS = [(220, 30, 30), (30, 200, 40), (20, 40, 220), (240, 220, 20), (250, 25
 
 
 def _curated_row(i: int, captions: list[tuple[str, str, bool]]) -> dict:
-    """A kept row as the pipeline hands it to the writer: candidates JSON with kept flags."""
+    """A kept row as the pipeline hands it to the writer: typed candidates with kept flags."""
     kept = [t for t, _, k in captions if k]
     return {
         "key": f"web{i:03d}",
         "shard": "00000.tar",
         "caption": kept[0],
         "captions": kept,
-        "candidates": json.dumps(
-            [
-                {"text": t, "source": s, "itm_score": 0.9 if k else 0.1, "clip_score": 0.3, "kept": k}
-                for t, s, k in captions
-            ]
-        ),
+        "candidates": [
+            {"text": t, "source": s, "itm_score": 0.9 if k else 0.1, "clip_score": 0.3, "kept": k}
+            for t, s, k in captions
+        ],
         "alt_text": captions[0][0],
         "image": encode_image(Image.new("RGB", (40, 30), COLOURS[i % len(COLOURS)]), "png"),
         "image_ext": "png",

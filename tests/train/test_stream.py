@@ -148,6 +148,12 @@ def test_a_resumed_stream_continues_where_the_consumed_batches_ended(shards, tok
         torch.testing.assert_close(a["pixel_values"], b["pixel_values"], rtol=0, atol=0)
     with pytest.raises(ValueError, match="same shards, --workers and --loader-workers"):
         ImageTextStream(shards, TRANSFORM, tokenize, 2, loader_workers=1, cursor=cursor.state())
+    # a checkpoint holds one state per Ray Train worker: another worker count cannot resume it
+    assert StreamCursor.of_worker([{"a": 0}, {"b": 1}], 1, 2) == {"b": 1}
+    with pytest.raises(
+        ValueError, match="written by 2 Ray Train workers, this run has 3: resume with --workers 2"
+    ):
+        StreamCursor.of_worker([{}, {}], 0, 3)
 
 
 def test_eval_batches_take_each_sample_once_in_order(shards, tokenize):

@@ -198,6 +198,16 @@ class StreamCursor:
     def state(self) -> dict:
         return {"batches": self.batches, "slots": self.slots, "layout": self.layout}
 
+    @staticmethod
+    def of_worker(states: Sequence[dict], rank: int, world_size: int) -> dict:
+        """Worker ``rank``'s state among a checkpoint's (one per worker, in rank order)."""
+        if len(states) != world_size:
+            raise ValueError(
+                f"the checkpoint was written by {len(states)} Ray Train workers, this run has {world_size}: "
+                f"resume with --workers {len(states)}"
+            )
+        return states[rank]
+
 
 def _interleave(iterators: list[Iterator[Record]]) -> Iterator[Record]:
     end = object()
