@@ -18,6 +18,8 @@ DATASET_HELP = {
     "tuxpaint": "tuxpaint-stamps-default: ~950 human-captioned stamps, split train/val/test (seed set)",
     "openclipart": "openclipart-png + openclipart-svg: ~8,100 clip-art images, SVG dc:title alt-text "
     "(noisy web-like set)",
+    "emoji": "emoji-datasource-twitter (npm): ~1,900 Twemoji PNGs with their Unicode names (held-out "
+    "evaluation domain)",
 }
 
 

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from curate.data.debian import DEFAULT_CACHE, download_package
+from curate.data.emoji import EMOJI_PACKAGE, EmojiSource, download_npm_package
 from curate.data.encode import (
     DEFAULT_MAX_PIXELS,
     DEFAULT_MAX_SIDE,
@@ -96,12 +97,18 @@ class FetchOptions:
 
 @dataclass(frozen=True)
 class DatasetSpec:
-    """A fetchable dataset: the Debian packages it comes from, what it is for, and its reader."""
+    """A fetchable dataset: the packages it comes from, what it is for, and its reader.
+
+    ``download`` fetches and extracts one package into the cache (Debian's apt by default,
+    npm for the emoji set); ``archive`` is the suffix the report names the package file by.
+    """
 
     name: str
     packages: tuple[str, ...]
     description: str
     source: Callable[[Sequence[Path]], Source] = field(repr=False, compare=False)  # extracted roots -> reader
+    download: Callable[[str, Path], Path] = field(default=download_package, repr=False, compare=False)
+    archive: str = ".deb"
 
 
 DATASETS: dict[str, DatasetSpec] = {
@@ -116,6 +123,14 @@ DATASETS: dict[str, DatasetSpec] = {
         ("openclipart-png", "openclipart-svg"),
         "~8,100 clip-art images with SVG dc:title alt-text (noisy web-like set)",
         OpenclipartSource,
+    ),
+    "emoji": DatasetSpec(
+        "emoji",
+        (EMOJI_PACKAGE,),
+        "~1,900 Twemoji PNGs (npm) with their Unicode names (held-out evaluation domain)",
+        EmojiSource,
+        download=download_npm_package,
+        archive=".tgz",
     ),
 }
 
@@ -228,10 +243,11 @@ def fetch_dataset(
         roots = _as_list(sources)
     else:
         roots = []
-        for package in DATASETS[name].packages:
-            root = download_package(package, cache)
+        spec = DATASETS[name]
+        for package in spec.packages:
+            root = spec.download(package, cache)
             roots.append(root)
-            packages[package] = f"{root.name}.deb"
+            packages[package] = f"{root.name}{spec.archive}"
     source = DATASETS[name].source(roots)
     return _fetch(source, roots, Path(output), options, progress, packages)
 
