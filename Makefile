@@ -15,7 +15,7 @@ export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
 .PHONY: setup demo demo-data test test-deps lint format clean-demo vllm-cpu-test experiment experiment-data \
-	kale kale-data
+	kale kale-data bootstrap bootstrap-data
 
 setup: $(VENV)/.installed
 
@@ -56,6 +56,20 @@ experiment-data: setup
 
 experiment: experiment-data
 	$(BIN)/python -m train.experiment --web $(EXP_WEB) --tuxpaint data/tuxpaint --work out/experiment $(EXP_ARGS)
+
+# BLIP's bootstrap loop (python -m train.bootstrap, docs/bootstrap.md): the committed
+# bridges curate a spread subset of openclipart with CapFilt, a new filter and captioner
+# train on human + filtered web + filtered synthetic pairs, and each round is scored on
+# tuxpaint test and on the held-out emoji set (npm's emoji-datasource-twitter, never
+# trained on). Resumable per step; out/bootstrap/results.md is the round table.
+BOOT_ARGS ?=
+bootstrap-data: experiment-data
+	@command -v npm >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -qq && apt-get install -y -qq npm >/dev/null; }
+	test -f data/emoji/_fetch_report.json || $(BIN)/curate data fetch emoji --output data/emoji
+
+bootstrap: bootstrap-data
+	$(BIN)/python -m train.bootstrap --web $(EXP_WEB) --tuxpaint data/tuxpaint --heldout data/emoji \
+		--work out/bootstrap $(BOOT_ARGS)
 
 # KALE on CPU: stage 1 (dense caption -> SmolLM2 rewrite with the alt-text -> filter,
 # rank) on a spread subset of openclipart (120 samples from each of its 7 shards), the

@@ -1,0 +1,140 @@
+"""The bootstrap loop's own parts: the bootstrapped set's shards, the round table, step skipping."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from curate.io.files import tar_bytes, write_atomic
+from curate.io.writer import tar_members
+from train import bootstrap
+from train.lib.bootstrap import markdown_table, paired_bootstrap, write_pairs
+from train.lib.data import iter_pairs
+
+
+def png_bytes(colour: tuple[int, int, int]) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (24, 20), colour).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def curated_row(key: str, colour: tuple[int, int, int], kept: list[tuple[str, str]], dropped=()) -> dict:
+    """A kept sample as the policy hands it to the writer: every candidate, the kept ones in order."""
+    candidates = [
+        {"text": t, "source": s, "itm_score": 0.9, "clip_score": None, "kept": True} for t, s in kept
+    ]
+    candidates += [
+        {"text": t, "source": s, "itm_score": 0.1, "clip_score": None, "kept": False} for t, s in dropped
+    ]
+    return {
+        "key": key, "shard": "00000", "caption": kept[0][0], "captions": [t for t, _ in kept],
+        "candidates": candidates, "alt_text": "alt " + key, "url": None, "width": 24, "height": 20,
+        "image_sha256": None, "image_ext": "png", "image": png_bytes(colour),
+    }  # fmt: skip
+
+
+def write_curated(path: Path) -> Path:
+    rows = [
+        curated_row("a1", (200, 0, 0), [("A red circle.", "synthetic"), ("red circle", "alt")]),
+        curated_row("a2", (0, 200, 0), [("green", "alt")], dropped=[("a cat.", "synthetic")]),
+        curated_row("a3", (0, 0, 200), [("A blue box.", "synthetic")], dropped=[("IMG_0001", "alt")]),
+    ]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, tar_bytes([m for r in rows for m in tar_members(r)]))
+    return path
+
+
+def test_write_pairs_makes_one_sample_per_kept_text_of_a_source(tmp_path: Path) -> None:
+    curated = write_curated(tmp_path / "capfilt" / "shards" / "00000.tar")
+    out = tmp_path / "train"
+    alt = write_pairs([str(curated)], "alt", out, "alt")
+    syn = write_pairs([str(curated)], "synthetic", out, "synthetic")
+    assert alt == {"samples": 2, "shards": 1, "images": 2}
+    assert syn == {"samples": 2, "shards": 1, "images": 2}
+    pairs = {p.key: p for p in iter_pairs(sorted(str(p) for p in out.glob("*.tar")), on_error="raise")}
+    assert {k: p.caption for k, p in pairs.items()} == {
+        "a1_alt": "red circle",
+        "a2_alt": "green",
+        "a1_synthetic": "A red circle.",
+        "a3_synthetic": "A blue box.",
+    }  # the dropped texts ("a cat.", "IMG_0001") are in no pair
+    assert pairs["a1_alt"].meta == {
+        "key": "a1_alt", "image_key": "a1", "source": "alt", "caption": "red circle", "shard": "00000",
+    }  # fmt: skip
+    assert np.asarray(pairs["a1_alt"].image).tolist() == np.asarray(pairs["a1_synthetic"].image).tolist()
+    before = (out / "alt-00000.tar").read_bytes()
+    write_pairs([str(curated)], "alt", out, "alt")  # same input: byte-identical, not rewritten
+    assert (out / "alt-00000.tar").read_bytes() == before
+    with tarfile.open(out / "alt-00000.tar") as tar:
+        assert tar.getnames() == [f"a1_alt.{e}" for e in ("png", "txt", "json")] + [
+            f"a2_alt.{e}" for e in ("png", "txt", "json")
+        ]
+    with pytest.raises(ValueError, match="source must be one of"):
+        write_pairs([str(curated)], "kale", out, "kale")
+
+
+def test_pairs_step_links_the_human_split_counts_and_is_skipped_once_done(tmp_path: Path) -> None:
+    human = write_curated(tmp_path / "tux" / "train" / "00000.tar")  # any shards with KEY.txt do
+    curated = tmp_path / "round1" / "capfilt"
+    write_curated(curated / "shards" / "00000.tar")
+    args = bootstrap.build_parser().parse_args(["--tuxpaint", str(tmp_path / "tux")])
+    train_dir = tmp_path / "round1" / "train"
+    stats = bootstrap.pairs(args, curated, train_dir)
+    assert stats == {"human": 3, "alt": 2, "synthetic": 2, "web_images": 3}
+    assert (train_dir / "human-00000.tar").resolve() == human.resolve()
+    assert [Path(p).name for p in bootstrap.train_shards(train_dir, ["synthetic"])] == [
+        "human-00000.tar",
+        "synthetic-00000.tar",
+    ]
+    assert len(bootstrap.train_shards(train_dir, ["alt", "synthetic"])) == 3
+    (train_dir / "alt-00000.tar").unlink()
+    assert bootstrap.pairs(args, curated, train_dir) == stats  # done: the recorded figures, nothing redone
+    assert not (train_dir / "alt-00000.tar").exists()
+
+
+def test_paired_bootstrap_is_the_mean_difference_with_its_spread() -> None:
+    a = [0.1, 0.2, 0.3, 0.4]
+    same = paired_bootstrap(a, a)
+    assert same == {"diff": 0.0, "std": 0.0, "p_le_0": 1.0}
+    rng = np.random.default_rng(1)
+    base = rng.random(400)
+    better = paired_bootstrap(base, base + 0.05 + rng.normal(0, 0.2, 400))
+    assert better["diff"] == pytest.approx(0.05, abs=0.03)
+    assert better["std"] == pytest.approx(0.2 / np.sqrt(400), rel=0.2)  # the standard error of the mean
+    assert better["p_le_0"] < 0.05
+    with pytest.raises(ValueError):
+        paired_bootstrap([], [])
+
+
+def test_markdown_table_has_a_line_per_round_and_dashes_for_missing_figures() -> None:
+    rows = [
+        {"round": 0, "filter": "f0", "captioner": "c0", "tux_itm_auc": 0.96, "cider": 0.113},
+        {"round": 1, "filter": "f1", "captioner": "c1", "train_alt": 310, "heldout_itm_auc": 0.8123,
+         "cider": float("nan"), "cider_diff": {"diff": 0.0125, "std": 0.004, "p_le_0": 0.0}},
+    ]  # fmt: skip
+    lines = markdown_table(rows).splitlines()
+    assert len(lines) == 4 and lines[0].startswith("| round | filter | captioner |")
+    cells = [c.strip() for c in lines[3].strip("|").split("|")]
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    row = dict(zip(header, cells))
+    assert row["web pairs kept"] == "310" and row["ITM AUC held-out"] == "0.812"
+    assert row["CIDEr-D tuxpaint test"] == "-" and row["CIDEr-D vs round 0 (± s.e.)"] == "+0.013 ± 0.004"
+    assert dict(zip(header, [c.strip() for c in lines[2].strip("|").split("|")]))["ITM AUC held-out"] == "-"
+
+
+def test_a_finished_capfilt_step_is_not_rerun(tmp_path: Path) -> None:
+    out = tmp_path / "capfilt"
+    out.mkdir()
+    (out / "_bootstrap_done.json").write_text(json.dumps({"status": {"kept": 5}, "seconds": 1.0}))
+    args = bootstrap.build_parser().parse_args(["--pipeline", str(tmp_path / "no-such-pipeline.yaml")])
+    # a rerun would fail on the missing pipeline file; the recorded counts come back instead
+    assert bootstrap.capfilt(args, [], out, tmp_path / "f", tmp_path / "c") == {
+        "status": {"kept": 5},
+        "seconds": 1.0,
+    }
