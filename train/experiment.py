@@ -12,7 +12,9 @@ tuxpaint``, test split):
    CapFilt (``pipelines/capfilt_cpu.yaml``: a synthetic caption, the ITM filter drops
    unmatched texts and samples) and BLIP-2 ranking (``pipelines/blip2_cpu.yaml``: five
    synthetic captions ranked with the alt-text by ITC, the top two kept). GPU machines
-   pass ``--capfilt pipelines/capfilt.yaml --blip2 pipelines/blip2.yaml``.
+   pass ``--capfilt pipelines/capfilt.yaml --blip2 pipelines/blip2.yaml``. ``--filter DIR
+   --captioner DIR`` curate with other bridge models than the pipeline files name, e.g. a
+   ``train.bootstrap`` round's (``WORK/roundR/filter``, ``WORK/roundR/captioner``).
 3. Arms: ``raw`` (the web shards, alt-text as is), ``capfilt`` and ``blip2`` (the runs'
    ``OUT/shards``, one kept caption drawn per step). Each arm trains the downstream
    CLIP-style model (``python -m train.train_clip``, Ray Train) for the same number of
@@ -208,6 +210,16 @@ def run_captioner(args: argparse.Namespace, arm_shards: list[str], work: Path) -
     return {"rows": rows, "epochs": args.captioner_epochs}
 
 
+def model_overrides(args: argparse.Namespace, arm: str) -> list[str]:
+    """``--set`` options that point an arm's curation run at ``--filter`` / ``--captioner`` (a
+    bootstrap round's models); the pipeline files' own models when neither is given."""
+    out = ["--set", f"captioner.model={Path(args.captioner).resolve()}"] if args.captioner else []
+    if args.filter:
+        section = "filter" if arm == "capfilt" else "ranker"  # blip2 ranks with the filter's ITC head
+        out += ["--set", f"{section}.model={Path(args.filter).resolve()}"]
+    return out
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m train.experiment", description=__doc__.split("\n\n")[0])
     ap.add_argument("--web", default="data/openclipart", help="raw web shards (dir, glob)")
@@ -225,6 +237,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--captioner-epochs", type=int, default=3, help="0: skip the captioner retraining")
     ap.add_argument("--captioner-arm", choices=ARMS[1:], default="blip2")
     ap.add_argument("--seed-captioner", default="pipelines/models/bridge-captioner")
+    ap.add_argument(
+        "--filter", default=None, help="bridge filter for both curation runs (default: the pipelines' own)"
+    )
+    ap.add_argument(
+        "--captioner", default=None, help="bridge captioner for both curation runs (e.g. a bootstrap round's)"
+    )
     return ap
 
 
@@ -245,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
             shards[arm] = [str(p) for p in web]
         else:
             pipeline = args.capfilt if arm == "capfilt" else args.blip2
-            out = curate(pipeline, web, work / arm)
+            out = curate(pipeline, web, work / arm, model_overrides(args, arm))
             shards[arm] = list_shards(str(out / "shards"))
     stats = {arm: arm_stats(s) for arm, s in shards.items()}
     log.info("arms: %s", json.dumps(stats))
