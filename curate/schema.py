@@ -33,6 +33,8 @@ samples/*.parquet
                          'Image decoding error', ...); null on success
     download_sha256 str  sha256 img2dataset computed over the downloaded bytes, before any
                          resize (``image_sha256`` is of the bytes in the tar); null on failure
+    image_phash  str    64-bit DCT perceptual hash of the decoded image, 16 hex digits
+                        (curate.dedup.phash); null when the image was not decoded
 """
 
 from __future__ import annotations
@@ -95,6 +97,7 @@ SAMPLES_SCHEMA = pa.schema(
         pa.field("download_status", pa.string()),
         pa.field("download_error", pa.string()),
         pa.field("download_sha256", pa.string()),
+        pa.field("image_phash", pa.string()),
     ]
 )
 
@@ -150,6 +153,7 @@ INTERNAL_SCHEMA = pa.schema(
         # while reading it (a truncated tar, a file that is not a tar).
         pa.field("shard_total", pa.int64()),
         pa.field("shard_error", pa.string()),
+        pa.field("image_phash", pa.string()),
     ]
 )
 

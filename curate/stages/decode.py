@@ -15,6 +15,7 @@ import pyarrow as pa
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from curate.config import DecodeConfig
+from curate.dedup.phash import phash_hex
 from curate.schema import SOURCE_ALT, STATUS_DROPPED
 from curate.stages.memory import release_free_memory
 from curate.stages.rows import fail, is_pending, set_candidates, to_rows, to_table
@@ -106,6 +107,7 @@ def decode_rows(rows: list[dict], cfg: DecodeConfig, keep_pixels: bool = True) -
             fail(row, f"undecodable image: {type(exc).__name__}: {exc}")
             continue
         row["width"], row["height"] = width, height
+        row["image_phash"] = phash_hex(pixels)  # once, here: dedup never decodes again
         if min(width, height) < cfg.min_side:
             row["status"] = STATUS_DROPPED
             row["reason"] = "image_too_small"
