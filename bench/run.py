@@ -276,7 +276,8 @@ def model_only(
         bs = cfg.captioner.resources.batch_size
         t = time.perf_counter()
         for start in range(0, len(images), bs):
-            caps = models["captioner"](images[start : start + bs], seed=start)
+            chunk = images[start : start + bs]
+            caps = models["captioner"](chunk, seeds=range(start, start + len(chunk)))
             for j, c in enumerate(caps):
                 texts[start + j].extend(c)
         spent["captioner"] = time.perf_counter() - t
@@ -351,7 +352,7 @@ def naive(models: dict, tars: list[Path], limit: int, out: Path) -> tuple[float,
             break
         texts = [alt] if alt else []
         if "captioner" in models:
-            texts += models["captioner"]([img], seed=i)[0]
+            texts += models["captioner"]([img], seeds=[i])[0]
         itm = [float(models["filter"]([img], [[text]])[0][0]) for text in texts] if "filter" in models else []
         clip = [float(x) for x in models["ranker"]([img], [texts])[0]] if "ranker" in models else []
         rows.append({"key": key, "texts": texts, "itm_scores": itm, "clip_scores": clip})

@@ -78,8 +78,8 @@ class OutputConflictError(RuntimeError):
 def _map_actor(ds, stage: type, cfg: ModelConfig, block_rows: int, **kwargs: Any):
     """``ds`` through a pool of ``stage(cfg=cfg, **kwargs)`` actors, each given whole blocks.
 
-    A block is one reader batch of one shard, the same in every run, so the stage's own
-    model batches (and their sampling seeds) are too. Ray Data's public ``map_batches``
+    A block is one reader batch of one shard (each sample is seeded by its own key, so
+    neither blocks nor model batches change what is written). Ray Data's public ``map_batches``
     refuses ``batch_size=None`` for a stage that asks for GPUs (it guards against
     unbounded blocks; ours are ``read.resources.batch_size`` rows at most), so a GPU stage goes
     through the same call without that check, which Ray's own ``groupby().map_groups``

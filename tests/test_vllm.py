@@ -101,7 +101,7 @@ def test_vllm_greedy_matches_transformers(vllm_stage, tiny_lm):
     from curate.models.base import LoadOptions
     from curate.models.rewriter import Rewriter
 
-    got = vllm_stage.model(PROMPTS, seed=1)
+    got = vllm_stage.model(PROMPTS, seeds=[1, 2, 3])
     assert len(got) == len(PROMPTS)
     hf = Rewriter(LoadOptions(str(tiny_lm)), vllm_stage.model.settings, device="cpu")(PROMPTS)
     # same chat template, same weights, greedy: the same words and the same stop reasons

@@ -2,7 +2,8 @@
 
 BLIP CapFilt samples with nucleus sampling (top-p 0.9) because diverse captions help;
 beam search is available for deterministic single captions. Two implementations share
-one call, ``captioner(images, seed=...) -> one list of captions per image``:
+one call, ``captioner(images, seeds=...) -> one list of captions per image``, where each
+image's seed alone fixes its captions (whatever else is in the batch):
 :class:`HFCaptioner` (BLIP, BLIP-2, any transformers image-text-to-text model) and
 :class:`BridgeCaptioner` (the bootstrapped bridge, ``curate.models.bridge.captioner``).
 :func:`load_captioner` picks one from the model directory's ``model_type``.
@@ -11,6 +12,7 @@ one call, ``captioner(images, seed=...) -> one list of captions per image``:
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -27,6 +29,7 @@ from curate.models.base import (
     resolve_device,
     resolve_dtype,
 )
+from curate.models.sampling import seeded_sampling, seeded_uniforms
 
 if TYPE_CHECKING:
     from curate.config import CaptionerConfig
@@ -47,22 +50,28 @@ class GenerationSettings:
 
 
 class Captioner(ABC):
-    """Loaded once, then ``captioner(images, seed=...)`` -> one list of captions per image,
-    whitespace-normalised, without the prompt and (with ``dedupe``) without repeats."""
+    """Loaded once, then ``captioner(images, seeds=...)`` -> one list of captions per image,
+    whitespace-normalised, without the prompt and (with ``dedupe``) without repeats.
+
+    ``seeds`` (one per image) make sampling repeatable per image: an image's captions
+    depend on its seed only, not on the batch it came in; without them sampling draws from
+    torch's global generator. Beam search needs no seed."""
 
     settings: GenerationSettings
     revision: str | None
 
     @torch.inference_mode()
-    def __call__(self, images: list[Image.Image], seed: int | None = None) -> list[list[str]]:
+    def __call__(self, images: list[Image.Image], seeds: Sequence[int] | None = None) -> list[list[str]]:
         if not images:
             return []
-        if seed is not None:
-            torch.manual_seed(seed)
-        return [self._clean(texts) for texts in self._generate(images, seed)]
+        if seeds is not None and len(seeds) != len(images):
+            raise ValueError(f"{len(seeds)} seeds for {len(images)} images")
+        return [
+            self._clean(texts) for texts in self._generate(images, None if seeds is None else list(seeds))
+        ]
 
     @abstractmethod
-    def _generate(self, images: list[Image.Image], seed: int | None) -> list[list[str]]:
+    def _generate(self, images: list[Image.Image], seeds: list[int] | None) -> list[list[str]]:
         """``num_captions`` raw texts per image."""
 
     def _clean(self, texts: list[str]) -> list[str]:
@@ -133,7 +142,8 @@ class HFCaptioner(Captioner):
             out[k] = v
         return out
 
-    def _generate_kwargs(self) -> dict:
+    def _generate_kwargs(self, seeds: list[int] | None = None, batch: int = 0) -> dict:
+        """``generate``'s arguments; nucleus sampling draws each caption at its image's seeds."""
         s = self.settings
         kw = {
             "max_new_tokens": s.max_new_tokens,
@@ -145,11 +155,13 @@ class HFCaptioner(Captioner):
             kw.update(do_sample=False, num_beams=max(s.num_beams, s.num_captions))
         else:
             # pure nucleus sampling: no top-k cut on top of top-p
-            kw.update(do_sample=True, top_p=s.top_p, top_k=0, temperature=s.temperature, num_beams=1)
+            uniforms = seeded_uniforms(seeds, s.num_captions, s.max_new_tokens, rows=batch * s.num_captions)
+            kw.update(seeded_sampling(s.temperature, s.top_p, uniforms), num_beams=1)
         return kw
 
-    def _generate(self, images: list[Image.Image], seed: int | None) -> list[list[str]]:
-        ids = self.model.generate(**self._inputs(images), **self._generate_kwargs())
+    def _generate(self, images: list[Image.Image], seeds: list[int] | None) -> list[list[str]]:
+        kw = self._generate_kwargs(seeds, len(images))
+        ids = self.model.generate(**self._inputs(images), **kw)
         texts = self.tokenizer.batch_decode(ids, skip_special_tokens=True)
         n = self.settings.num_captions
         return [texts[i * n : (i + 1) * n] for i in range(len(images))]
@@ -179,7 +191,7 @@ class BridgeCaptioner(Captioner):
         self.model = move(model, self.device, self.dtype)
         self.revision = model_revision(self.model)
 
-    def _generate(self, images: list[Image.Image], seed: int | None) -> list[list[str]]:
+    def _generate(self, images: list[Image.Image], seeds: list[int] | None) -> list[list[str]]:
         s = self.settings
         return self.model.generate_captions(
             images,
@@ -189,7 +201,7 @@ class BridgeCaptioner(Captioner):
             temperature=s.temperature,
             max_new_tokens=s.max_new_tokens,
             num_beams=s.num_beams,
-            seed=seed,
+            seeds=seeds,
             min_new_tokens=s.min_new_tokens,
             repetition_penalty=s.repetition_penalty,
             prompt=s.prompt,

@@ -1,7 +1,8 @@
 """Rewriter: an instruction-tuned LLM turns (dense caption, alt-text) prompts into captions.
 
 KALE stage 1 (BLIP3-KALE) needs one LLM call per image. Two backends share one call
-shape, ``rewriter(prompts, seed=...) -> [Rewrite]``:
+shape, ``rewriter(prompts, seeds=...) -> [Rewrite]``, one seed per prompt (it alone fixes
+what a sampled rewrite draws):
 
 - :class:`Rewriter`: transformers causal LM, batched (left padding, prompts sorted by
   length so a batch wastes little padding), chat template applied; runs on CPU here.
@@ -15,7 +16,7 @@ shape, ``rewriter(prompts, seed=...) -> [Rewrite]``:
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +24,7 @@ import torch
 
 from curate.config import PACKAGED_PREFIX, RewriterConfig
 from curate.models.base import LoadOptions, load_error, model_revision, move, resolve_device, resolve_dtype
+from curate.models.sampling import seeded_sampling, seeded_uniforms
 
 log = logging.getLogger("curate.models")
 
@@ -89,7 +91,7 @@ def plain_prompt(system_prompt: str | None, prompt: str, examples: tuple[tuple[s
 
 
 class Rewriter:
-    """transformers backend: loads once, then ``rewriter(prompts, seed=...)`` -> one Rewrite each."""
+    """transformers backend: loads once, then ``rewriter(prompts, seeds=...)`` -> one Rewrite each."""
 
     def __init__(
         self,
@@ -134,7 +136,7 @@ class Rewriter:
             chat_messages(s.system_prompt, prompt, s.examples), add_generation_prompt=True, tokenize=False
         )
 
-    def _generate_kwargs(self) -> dict:
+    def _generate_kwargs(self, seeds: list[int] | None = None, batch: int = 0) -> dict:
         s = self.settings
         kw = {
             "max_new_tokens": s.max_new_tokens,
@@ -142,17 +144,18 @@ class Rewriter:
             "pad_token_id": self.tokenizer.pad_token_id,
         }
         if s.do_sample:
-            kw.update(do_sample=True, temperature=s.temperature, top_p=s.top_p, top_k=0)
+            uniforms = seeded_uniforms(seeds, 1, s.max_new_tokens, rows=batch)
+            kw.update(seeded_sampling(s.temperature, s.top_p, uniforms))
         else:
             kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         return kw
 
     @torch.inference_mode()
-    def __call__(self, prompts: list[str], seed: int | None = None) -> list[Rewrite]:
+    def __call__(self, prompts: list[str], seeds: Sequence[int] | None = None) -> list[Rewrite]:
         if not prompts:
             return []
-        if seed is not None:
-            torch.manual_seed(seed)
+        if seeds is not None and len(seeds) != len(prompts):
+            raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
         texts = [self.render(p) for p in prompts]
         # the chat template already holds the special tokens; a plain prompt gets the usual ones
         add_special = not self.settings.use_chat_template
@@ -164,7 +167,8 @@ class Rewriter:
             enc = self.tokenizer(
                 [texts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=add_special
             ).to(self.device)
-            ids = self.model.generate(**enc, **self._generate_kwargs())
+            chunk_seeds = None if seeds is None else [seeds[i] for i in idx]
+            ids = self.model.generate(**enc, **self._generate_kwargs(chunk_seeds, len(idx)))
             new = ids[:, enc["input_ids"].shape[1] :]
             decoded = self.tokenizer.batch_decode(new, skip_special_tokens=True)
             for i, seq, text in zip(idx, new.tolist(), decoded):
@@ -242,11 +246,15 @@ class VLLMRewriter:
             seed=seed,
         )
 
-    def __call__(self, prompts: list[str], seed: int | None = None) -> list[Rewrite]:
+    def __call__(self, prompts: list[str], seeds: Sequence[int] | None = None) -> list[Rewrite]:
         if not prompts:
             return []
+        if seeds is not None and len(seeds) != len(prompts):
+            raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
         s = self.settings
-        params = self._params(seed)
+        # each request with its own seed: vLLM draws it apart from the other requests
+        per_prompt = [None] * len(prompts) if seeds is None else [int(x) for x in seeds]
+        params = [self._params(x) for x in per_prompt]
         if s.use_chat_template:
             convs = [chat_messages(s.system_prompt, p, s.examples) for p in prompts]
             outs = self.llm.chat(convs, params, use_tqdm=False)
@@ -260,7 +268,7 @@ class VLLMRewriter:
 
 def load_rewriter(cfg: RewriterConfig, settings: RewriteSettings, seed: int = 0) -> Rewriter | VLLMRewriter:
     """The backend a pipeline's ``rewriter`` section names, behind the one call shape
-    ``rewriter(prompts, seed=...) -> [Rewrite]``."""
+    ``rewriter(prompts, seeds=...) -> [Rewrite]``."""
     load, res = LoadOptions.of(cfg), cfg.resources
     if cfg.backend == "vllm":
         engine = VLLMEngineSettings(

@@ -13,6 +13,12 @@ The distribution is the same as ``generate(do_sample=True, top_p=..., top_k=0)``
 temperature, then the smallest set of most likely tokens whose mass reaches ``top_p``,
 renormalised; ``repetition_penalty`` (CTRL's, on the tokens generated so far) and
 ``min_new_tokens`` act as transformers' processors do.
+
+Each draw inverts the row's cumulative distribution at a uniform number: one uniform per
+row and step, taken from that row's own stream (:func:`seeded_uniforms`, one generator per
+sample), so what a sample draws does not depend on the other rows of its batch, how many
+there are, or when they finish. :class:`SeededSampler` does the same inside transformers'
+``generate``.
 """
 
 from __future__ import annotations
@@ -26,10 +32,42 @@ import torch
 NUCLEUS_CANDIDATES = 128
 
 
-def nucleus_sample(
-    logits: torch.Tensor, top_p: float = 0.9, temperature: float = 1.0, candidates: int = NUCLEUS_CANDIDATES
+def seeded_uniforms(
+    seeds: list[int] | None, per_seed: int, steps: int, rows: int | None = None
 ) -> torch.Tensor:
-    """(B, V) logits -> (B,) token ids drawn from each row's top-p nucleus."""
+    """(len(seeds) * per_seed, steps) uniforms in [0, 1): the ``per_seed`` rows of each seed
+    (a sample's captions) from that seed's own CPU generator, the same on any device and in
+    any batch. Without seeds, ``rows`` rows from torch's global generator."""
+    if seeds is None:
+        return torch.rand((rows or 0, steps))
+    return torch.cat(
+        [torch.rand((per_seed, steps), generator=torch.Generator().manual_seed(int(s))) for s in seeds]
+    )
+
+
+def inverse_cdf(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """(B, K) probabilities (unnormalised, zeros allowed) and (B,) uniforms -> (B,) column
+    indices: the first column whose cumulative mass passes ``u`` times the row's total."""
+    cum = probs.cumsum(-1)
+    target = (uniforms.to(cum.device, cum.dtype) * cum[:, -1]).unsqueeze(-1)
+    idx = torch.searchsorted(cum, target, right=True).squeeze(-1)
+    # rounding can put the target at the total: take the last column that has mass
+    last = probs.shape[-1] - 1 - (probs.flip(-1) > 0).to(torch.int8).argmax(-1)
+    return torch.minimum(idx, last)
+
+
+def nucleus_sample(
+    logits: torch.Tensor,
+    top_p: float = 0.9,
+    temperature: float = 1.0,
+    candidates: int = NUCLEUS_CANDIDATES,
+    uniforms: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """(B, V) logits -> (B,) token ids drawn from each row's top-p nucleus, at the row's
+    uniform in ``uniforms`` (B,) (default: torch's global generator)."""
+    if uniforms is None:
+        uniforms = torch.rand(logits.shape[0])
+    uniforms = uniforms.to(logits.device)
     logits = logits.float()
     if temperature != 1.0:
         logits = logits / temperature
@@ -41,19 +79,21 @@ def nucleus_sample(
     if k < logits.shape[-1] and bool(short.any()):
         rows = short.nonzero().squeeze(1)
         out = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
-        out[~short] = _draw(probs[~short], before[~short], ids[~short], top_p)
-        out[rows] = nucleus_sample(logits[rows], top_p, 1.0, candidates=logits.shape[-1])
+        out[~short] = _draw(probs[~short], before[~short], ids[~short], top_p, uniforms[~short])
+        out[rows] = nucleus_sample(logits[rows], top_p, 1.0, logits.shape[-1], uniforms[rows])
         return out
-    return _draw(probs, before, ids, top_p)
+    return _draw(probs, before, ids, top_p, uniforms)
 
 
-def _draw(probs: torch.Tensor, before: torch.Tensor, ids: torch.Tensor, top_p: float) -> torch.Tensor:
+def _draw(
+    probs: torch.Tensor, before: torch.Tensor, ids: torch.Tensor, top_p: float, uniforms: torch.Tensor
+) -> torch.Tensor:
     # a token is in the nucleus when the tokens more likely than it hold less than top_p;
     # the most likely one always is
     probs = probs.masked_fill(before >= top_p, 0.0)
     probs[:, 0] = probs[:, 0].clamp_min(torch.finfo(probs.dtype).tiny)
-    choice = torch.multinomial(probs, 1)
-    return ids.gather(-1, choice).squeeze(-1)
+    choice = inverse_cdf(probs, uniforms)
+    return ids.gather(-1, choice.unsqueeze(-1)).squeeze(-1)
 
 
 def _penalise(logits: torch.Tensor, generated: torch.Tensor, penalty: float) -> torch.Tensor:
@@ -79,11 +119,14 @@ def sample_from_embeds(
     temperature: float = 1.0,
     min_new_tokens: int = 0,
     repetition_penalty: float = 1.0,
+    uniforms: torch.Tensor | None = None,
 ) -> list[list[int]]:
     """Token ids of ``num_return_sequences`` samples per prompt, prompt-major, without the EOS.
 
     ``embeds`` (B, P, H) are unpadded prompts of equal length (the bridge's prefix), so
-    no attention mask is needed; the draws use torch's global generator (seed it first).
+    no attention mask is needed. ``uniforms`` (B * num_return_sequences, max_new_tokens)
+    are each output row's draws, step by step (:func:`seeded_uniforms`); without them the
+    draws use torch's global generator (seed it first).
     """
     from transformers import DynamicCache
 
@@ -96,6 +139,11 @@ def sample_from_embeds(
         cache.batch_repeat_interleave(n)
         logits = logits.repeat_interleave(n, dim=0)
     total = logits.shape[0]
+    if uniforms is None:
+        uniforms = seeded_uniforms(None, 1, max_new_tokens, rows=total)
+    if tuple(uniforms.shape) != (total, max_new_tokens):
+        raise ValueError(f"uniforms must be ({total}, {max_new_tokens}), got {tuple(uniforms.shape)}")
+    uniforms = uniforms.to(logits.device)
     tokens: list[list[int]] = [[] for _ in range(total)]
     alive = torch.arange(total, device=logits.device)  # which output row each batch row is
     generated = torch.empty((total, 0), dtype=torch.long, device=logits.device)
@@ -104,7 +152,7 @@ def sample_from_embeds(
             logits = _penalise(logits, generated, repetition_penalty)
         if step < min_new_tokens:
             logits[:, eos_token_id] = -float("inf")
-        nxt = nucleus_sample(logits, top_p, temperature)
+        nxt = nucleus_sample(logits, top_p, temperature, uniforms=uniforms[alive, step])
         for row, tok in zip(alive.tolist(), nxt.tolist()):
             if tok != eos_token_id:
                 tokens[row].append(tok)
@@ -119,3 +167,48 @@ def sample_from_embeds(
         out = lm(input_ids=nxt[:, None], use_cache=True, **{cache_kw: cache})
         logits = out.logits[:, -1].float()
     return tokens
+
+
+class SeededSampler:
+    """The last logits processor of a transformers ``generate``: draws each row's next token
+    from the processed distribution at the row's own uniform for this step, and leaves that
+    token alone, so ``generate``'s own draw has one choice. ``uniforms`` (rows, steps) are in
+    ``generate``'s row order (with ``num_return_sequences``, each input's rows together)."""
+
+    def __init__(self, uniforms: torch.Tensor) -> None:
+        self.uniforms = uniforms
+        self.step = 0
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if scores.shape[0] != self.uniforms.shape[0] or self.step >= self.uniforms.shape[1]:
+            raise ValueError(
+                f"seeded sampling was given uniforms for {tuple(self.uniforms.shape)} (rows, steps), "
+                f"asked for row count {scores.shape[0]} at step {self.step}"
+            )
+        u = self.uniforms[:, self.step]
+        self.step += 1
+        token = inverse_cdf(torch.softmax(scores.float(), dim=-1), u)
+        out = torch.full_like(scores, float("-inf"))
+        return out.scatter_(1, token.unsqueeze(-1), 0.0)
+
+
+def seeded_sampling(temperature: float, top_p: float, uniforms: torch.Tensor) -> dict:
+    """``generate`` keyword arguments for nucleus sampling drawn by :class:`SeededSampler`:
+    transformers' own temperature and top-p warpers, in the order ``do_sample`` applies them,
+    then the sampler; ``generate``'s built-in warpers are turned off so they do not repeat."""
+    from transformers import LogitsProcessorList
+    from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
+
+    processors = []
+    if temperature != 1.0:
+        processors.append(TemperatureLogitsWarper(temperature))
+    if top_p < 1.0:
+        processors.append(TopPLogitsWarper(top_p))
+    processors.append(SeededSampler(uniforms))
+    return {
+        "do_sample": True,
+        "temperature": 1.0,
+        "top_p": 1.0,
+        "top_k": 0,
+        "logits_processor": LogitsProcessorList(processors),
+    }

@@ -35,10 +35,12 @@ def _quiet_transformers() -> None:
         pass
 
 
-def batch_seed(seed: int, keys: list[str]) -> int:
-    """A sampling seed fixed by the run seed and the batch's keys: reruns repeat captions."""
-    digest = hashlib.sha256(("\n".join([str(seed), *keys])).encode()).digest()
-    return int.from_bytes(digest[:4], "little")
+def sample_seed(seed: int, stage: str, row: dict) -> int:
+    """A sample's own sampling seed for ``stage``: the run seed and the sample's shard and
+    key alone, so what it draws does not depend on its batch, block, actor, retry or the
+    output it is written to, and a rerun or resume repeats it."""
+    digest = hashlib.sha256(f"{seed}\n{stage}\n{row['shard']}/{row['key']}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1  # 63 bits: any generator takes it
 
 
 class _ModelStage:
@@ -97,8 +99,8 @@ class CaptionStage(_ModelStage):
     def process(self, rows: list[dict]) -> None:
         for start in range(0, len(rows), self.batch_size):
             chunk = rows[start : start + self.batch_size]
-            seed = batch_seed(self.seed, [f"{r['shard']}/{r['key']}" for r in chunk])
-            captions = self.model([row_image(r) for r in chunk], seed=seed)
+            seeds = [sample_seed(self.seed, self.name, r) for r in chunk]
+            captions = self.model([row_image(r) for r in chunk], seeds=seeds)
             for row, texts in zip(chunk, captions):
                 candidates = get_candidates(row)
                 known = {c["text"].lower() for c in candidates}

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from curate.config import RewriterConfig
 from curate.schema import SOURCE_KALE, SOURCE_SYNTHETIC
-from curate.stages.models import _ModelStage, _quiet_transformers, batch_seed
+from curate.stages.models import _ModelStage, _quiet_transformers, sample_seed
 from curate.stages.rows import get_candidates, set_candidates
 
 KALE_ACCEPTED = "accepted"
@@ -214,9 +214,9 @@ class RewriteStage(_ModelStage):
         if not jobs:
             return
         prompts = [build_prompt(cfg.prompt_template, j.dense, j.alt) for j in jobs]
-        seed = batch_seed(self.seed, [f"{j.row['shard']}/{j.row['key']}" for j in jobs])
+        seeds = [sample_seed(self.seed, self.name, j.row) for j in jobs]
         # the whole block in one call: the wrapper batches (transformers) or schedules (vLLM)
-        outputs = self.model(prompts, seed=seed)
+        outputs = self.model(prompts, seeds=seeds)
         for job, out in zip(jobs, outputs):
             text = clean_rewrite(out.text, self.labels)
             ok, reason = check_rewrite(

@@ -36,6 +36,9 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+SEEDS = [11, 12, 13]  # one per image of ``images``
+
+
 @pytest.fixture(scope="module")
 def images() -> list[Image.Image]:
     return [noise_image(40, 30, seed=1), noise_image(24, 48, seed=2), noise_image(32, 32, seed=3)]
@@ -75,7 +78,7 @@ def clip(tiny_models) -> ClipRanker:
 
 
 def test_nucleus_gives_num_captions_per_image(captioner, images):
-    out = captioner(num_captions=4, dedupe=False)(images, seed=0)
+    out = captioner(num_captions=4, dedupe=False)(images, seeds=SEEDS)
     assert len(out) == len(images)
     for caps in out:
         assert len(caps) == 4
@@ -83,7 +86,7 @@ def test_nucleus_gives_num_captions_per_image(captioner, images):
 
 
 def test_nucleus_with_dedupe_gives_unique_captions(captioner, images):
-    out = captioner(num_captions=6)(images, seed=0)
+    out = captioner(num_captions=6)(images, seeds=SEEDS)
     for caps in out:
         assert 1 <= len(caps) <= 6
         assert len({c.lower() for c in caps}) == len(caps)
@@ -91,24 +94,47 @@ def test_nucleus_with_dedupe_gives_unique_captions(captioner, images):
 
 def test_dedupe_removes_identical_samples(captioner, images):
     # a vanishing top-p keeps only the most likely token: every sample is the same text
-    deduped = captioner(num_captions=5, top_p=1e-6)(images[:1], seed=0)
+    deduped = captioner(num_captions=5, top_p=1e-6)(images[:1], seeds=[0])
     assert len(deduped[0]) == 1
-    kept = captioner(num_captions=5, top_p=1e-6, dedupe=False)(images[:1], seed=0)
+    kept = captioner(num_captions=5, top_p=1e-6, dedupe=False)(images[:1], seeds=[0])
     assert kept[0] == deduped[0] * 5
 
 
 def test_same_seed_same_captions_other_seed_other_captions(captioner, images):
     model = captioner(num_captions=3)
-    first = model(images, seed=123)
-    assert model(images, seed=123) == first
-    assert any(model(images, seed=s) != first for s in (1, 2, 3))
+    first = model(images, seeds=[123, 124, 125])
+    assert model(images, seeds=[123, 124, 125]) == first
+    assert any(model(images, seeds=[s, s + 1, s + 2]) != first for s in (1, 2, 3))
+
+
+def test_an_images_captions_depend_on_its_seed_only(captioner, images):
+    """Not on the other images of its batch, nor on how many there are: each caption's draws
+    come from its image's own generator (the step a batch-wide generator would be at differs)."""
+    model = captioner(num_captions=3, dedupe=False)
+    batched = model(images, seeds=[7, 8, 9])
+    assert [model([img], seeds=[s])[0] for img, s in zip(images, [7, 8, 9])] == batched
+    assert model(images[::-1], seeds=[9, 8, 7]) == batched[::-1]
+    with pytest.raises(ValueError, match="2 seeds for 3 images"):
+        model(images, seeds=[1, 2])
+
+
+def test_seeded_sampling_with_a_one_token_nucleus_is_greedy(captioner, images):
+    """The seeded sampler sits after transformers' temperature and top-p warpers: with a nucleus
+    of one token, whatever the seeds, it writes what greedy generate() writes."""
+    model = captioner(num_captions=2, top_p=1e-6, temperature=0.7, dedupe=False)
+    greedy = model.tokenizer.batch_decode(
+        model.model.generate(**model._inputs(images), max_new_tokens=6, do_sample=False),
+        skip_special_tokens=True,
+    )
+    want = [[" ".join(t.split())] * 2 for t in greedy]
+    assert model(images, seeds=[1, 2, 3]) == model(images, seeds=[4, 5, 6]) == want
 
 
 def test_beam_search(captioner, images):
     model = captioner(decoding="beam", num_beams=3, num_captions=2, dedupe=False)
-    out = model(images, seed=0)
+    out = model(images, seeds=SEEDS)
     assert [len(c) for c in out] == [2, 2, 2]
-    assert model(images, seed=99) == out  # deterministic: the seed does not matter
+    assert model(images, seeds=[99, 98, 97]) == out  # deterministic: the seeds do not matter
     for caps in out:
         assert caps[0] != caps[1]  # distinct beams
 
@@ -117,12 +143,12 @@ def test_prompt_is_stripped_from_outputs(captioner, images):
     prompt = "A picture of"
     model = captioner(num_captions=3, prompt=prompt, dedupe=False)
     # BLIP's generate returns the prompt tokens followed by the continuation
-    torch.manual_seed(0)
     raw = model.tokenizer.batch_decode(
-        model.model.generate(**model._inputs(images), **model._generate_kwargs()), skip_special_tokens=True
+        model.model.generate(**model._inputs(images), **model._generate_kwargs(SEEDS, len(images))),
+        skip_special_tokens=True,
     )
     assert all(r.lower().startswith(prompt.lower()) for r in raw)
-    out = model(images, seed=0)
+    out = model(images, seeds=SEEDS)
     flat = [c for caps in out for c in caps]
     assert flat
     assert not any(c.lower().startswith(prompt.lower()) for c in flat)
@@ -137,12 +163,12 @@ def test_bf16_on_cpu(tiny_models, images):
         dtype="bf16",
     )
     assert next(model.model.parameters()).dtype == torch.bfloat16
-    out = model(images[:2], seed=0)
+    out = model(images[:2], seeds=SEEDS[:2])
     assert len(out) == 2 and all(out)
 
 
 def test_empty_batch(captioner):
-    assert captioner(num_captions=2)([], seed=0) == []
+    assert captioner(num_captions=2)([], seeds=[]) == []
 
 
 @no_cuda

@@ -12,7 +12,7 @@ import torch
 from transformers import LlamaForCausalLM
 from transformers.generation.logits_process import TopPLogitsWarper
 
-from curate.models.sampling import nucleus_sample, sample_from_embeds
+from curate.models.sampling import inverse_cdf, nucleus_sample, sample_from_embeds, seeded_uniforms
 from tests.helpers import tiny_llama
 
 
@@ -106,3 +106,38 @@ def test_samples_repeat_with_a_seed_and_differ_between_samples(tiny_lm):
     assert a == b and len(a) == 8
     assert len({tuple(r) for r in a[:4]}) > 1  # one prefill, yet the samples are independent
     assert all(len(r) <= 8 and 0 not in r for r in a)
+
+
+def test_seeded_uniforms_give_each_seed_its_own_rows():
+    both = seeded_uniforms([5, 9], per_seed=3, steps=4)
+    assert both.shape == (6, 4)
+    assert torch.equal(both[:3], seeded_uniforms([5], 3, 4))  # the same alone as in a batch
+    assert torch.equal(both[3:], seeded_uniforms([9], 3, 4))
+    assert not torch.equal(both[:3], both[3:])
+    assert ((both >= 0) & (both < 1)).all()
+
+
+def test_inverse_cdf_picks_the_column_whose_mass_holds_the_uniform():
+    probs = torch.tensor([[0.5, 0.0, 0.25, 0.25], [0.0, 0.0, 2.0, 0.0]])
+    pick = lambda u: inverse_cdf(probs, torch.tensor(u)).tolist()  # noqa: E731
+    assert pick([0.0, 0.0]) == [0, 2]
+    assert pick([0.49, 0.99]) == [0, 2]
+    assert pick([0.5, 0.5]) == [2, 2]  # a column without mass is never picked
+    assert pick([0.76, 0.3]) == [3, 2]
+    assert pick([1.0, 1.0]) == [3, 2]  # rounding up to the total: the last column with mass
+
+
+def test_a_prompts_samples_depend_on_its_own_uniforms_only(tiny_lm):
+    """Rows that finish early leave the batch; a prompt sampled alone or beside others, at the
+    same rows of uniforms, writes the same tokens."""
+    embeds = torch.randn(3, 5, 32, generator=torch.Generator().manual_seed(4))
+    uniforms = seeded_uniforms([1, 2, 3], per_seed=2, steps=8)
+    together = sample_from_embeds(tiny_lm, embeds, 2, 8, eos_token_id=0, top_p=0.95, uniforms=uniforms)
+    for i in range(3):
+        alone = sample_from_embeds(
+            tiny_lm, embeds[i : i + 1], 2, 8, eos_token_id=0, top_p=0.95, uniforms=uniforms[2 * i : 2 * i + 2]
+        )
+        assert alone == together[2 * i : 2 * i + 2]
+    assert len({tuple(r) for r in together}) > 1
+    with pytest.raises(ValueError, match="uniforms must be"):
+        sample_from_embeds(tiny_lm, embeds, 2, 8, eos_token_id=0, uniforms=uniforms[:4])

@@ -67,7 +67,7 @@ def test_gpu_stages_plan_with_whole_blocks():
         op = op.input_dependencies[0] if op.input_dependencies else None
     for name in ("MapBatches(CaptionStage)", "MapBatches(FilterStage)", "MapBatches(RankStage)"):
         assert ops[name].ray_remote_args["num_gpus"] > 0
-        assert ops[name].batch_size is None  # whole blocks: the stage's seeds do not depend on arrival order
+        assert ops[name].batch_size is None  # whole blocks, as on CPU
 
 
 def test_in_flight_budget_bounds_this_datasets_object_store_use_only():

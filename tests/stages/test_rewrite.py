@@ -391,9 +391,18 @@ def test_end_token_and_token_budget_are_reported(lms):
 
 def test_sampling_is_repeatable_with_a_seed(lms):
     rw = _rewriter(lms["random"], max_new_tokens=8, do_sample=True, temperature=1.5, top_p=0.95)
-    assert [r.text for r in rw(["a cat", "a bike"], seed=7)] == [
-        r.text for r in rw(["a cat", "a bike"], seed=7)
+    assert [r.text for r in rw(["a cat", "a bike"], seeds=[7, 8])] == [
+        r.text for r in rw(["a cat", "a bike"], seeds=[7, 8])
     ]
+
+
+def test_a_sampled_rewrite_depends_on_its_own_seed_only(lms):
+    """Not on the prompts batched with it (left padding, length order) nor their number."""
+    rw = _rewriter(lms["random"], max_new_tokens=8, do_sample=True, temperature=1.5, top_p=0.95)
+    prompts = ["a cat", "a red bicycle leaning on a wall", "a bike"]
+    together = [r.text for r in rw(prompts, seeds=[7, 8, 9])]
+    assert [rw([p], seeds=[s])[0].text for p, s in zip(prompts, [7, 8, 9])] == together
+    assert any(rw(prompts, seeds=[1, 2, 3])[i].text != t for i, t in enumerate(together))
 
 
 def test_missing_chat_template_is_an_error_that_names_the_option(lms, tmp_path):

@@ -201,9 +201,10 @@ def test_pipeline_captioner_loads_a_saved_bridge(tiny_lm, tmp_path):
     settings = GenerationSettings(num_captions=3, max_new_tokens=5, dedupe=False)
     captioner = open_captioner(LoadOptions(str(tmp_path / "bridge")), settings, device="cpu")
     assert isinstance(captioner, BridgeCaptioner)
-    out = captioner(images, seed=0)
+    out = captioner(images, seeds=[0, 1])
     assert len(out) == 2 and all(len(caps) <= 3 for caps in out)
-    assert captioner(images, seed=0) == out
+    assert captioner(images, seeds=[0, 1]) == out
+    assert captioner(images[1:], seeds=[1]) == out[1:]  # an image's captions: its seed's alone
     captioner.settings = GenerationSettings(num_captions=2, decoding="beam", num_beams=2, max_new_tokens=4)
     assert all(len(caps) <= 2 for caps in captioner(images))
     assert captioner([]) == []

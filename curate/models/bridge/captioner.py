@@ -26,7 +26,7 @@ from transformers import PretrainedConfig, PreTrainedModel
 from transformers.utils import ModelOutput
 
 from curate.models.bridge import backbones
-from curate.models.sampling import sample_from_embeds
+from curate.models.sampling import sample_from_embeds, seeded_uniforms
 
 ARTICLES = ("a", "an", "the")
 
@@ -302,11 +302,14 @@ class BridgeCaptionerModel(PreTrainedModel):
         min_new_tokens: int = 0,
         repetition_penalty: float = 1.0,
         prompt: str | None = None,
+        seeds: list[int] | None = None,
     ) -> list[list[str]]:
         """``num_captions`` captions per image: nucleus sampling (BLIP's choice), greedy or beam.
 
         ``images`` are PIL images or precomputed (B, 49, image_dim) features. A ``seed``
-        makes sampling repeatable. ``prompt`` overrides the trained text prompt (rarely wise).
+        makes sampling repeatable; ``seeds`` (one per image) make each image's captions
+        depend on its own seed only, not on the rest of the batch. ``prompt`` overrides the
+        trained text prompt (rarely wise).
         """
         if isinstance(images, torch.Tensor):
             features = images.to(self.out_proj.weight.device)
@@ -322,6 +325,9 @@ class BridgeCaptionerModel(PreTrainedModel):
         if seed is not None:
             torch.manual_seed(seed)
         if do_sample:  # prefix prefilled once per image, nucleus found without a vocabulary sort
+            if seeds is not None and len(seeds) != features.shape[0]:
+                raise ValueError(f"{len(seeds)} seeds for {features.shape[0]} images")
+            uniforms = None if seeds is None else seeded_uniforms(seeds, num_captions, max_new_tokens)
             ids = sample_from_embeds(
                 lm,
                 embeds,
@@ -332,6 +338,7 @@ class BridgeCaptionerModel(PreTrainedModel):
                 temperature=temperature,
                 min_new_tokens=min_new_tokens,
                 repetition_penalty=repetition_penalty,
+                uniforms=uniforms,
             )
         else:  # greedy or beam search: generate() as is
             ids = lm.generate(
