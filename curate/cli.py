@@ -1,4 +1,4 @@
-"""Command line: ``curate run|ingest|data|query|stats|report``.
+"""Command line: ``curate run|ingest|data|query|stats|report|dedup``.
 
 Entry points parse arguments; library code takes typed arguments. Each subcommand
 module exposes ``register(subparsers)`` and sets ``func`` on its parser; imports stay
@@ -19,6 +19,7 @@ SUBCOMMANDS = {
     "query": "curate.commands.explore",
     "stats": "curate.commands.explore",
     "report": "curate.commands.explore",
+    "dedup": "curate.commands.dedup",
 }
 
 

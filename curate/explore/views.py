@@ -13,12 +13,14 @@ import shutil
 import tempfile
 import weakref
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import duckdb
 import pyarrow as pa
+
+from curate.dedup.results import DedupResult, read_results
 
 # The SQL form of :func:`curate.schema.candidate_score` (CLIP when present, else ITM);
 # ``{c}`` is the candidate struct's name.
@@ -30,6 +32,35 @@ SCORE_THRESHOLDS = {"itm_score": "itm_threshold", "clip_score": "min_clip_score"
 
 # The view over the sample rows; ``{files}`` is a DuckDB list of Parquet paths or a glob.
 SAMPLES_VIEW_SQL = "CREATE VIEW samples AS SELECT * FROM read_parquet({files}, union_by_name = true);"
+
+# ``curate dedup`` results (OUT/dedup/METHOD/*.parquet, curate.dedup.DEDUP_SCHEMA): one row per
+# sample in a group, per method. Without any, the view is empty with the same columns.
+DUPLICATES_VIEW_SQL = "CREATE VIEW duplicates AS SELECT * FROM read_parquet({files}, union_by_name = true);"
+EMPTY_DUPLICATES_VIEW_SQL = (
+    "CREATE VIEW duplicates AS SELECT NULL::VARCHAR AS shard, NULL::VARCHAR AS key, NULL::VARCHAR AS method, "
+    'NULL::VARCHAR AS "group", NULL::VARCHAR AS duplicate_of, NULL::BIGINT AS group_size WHERE false;'
+)
+
+# With dedup results, the samples view gains two columns by a left join on (shard, key):
+# ``duplicate_of``, the representative's ``shard/key`` (null for a representative or a sample in
+# no group), and ``duplicate_method``, the method that grouped the sample (null when none did).
+# When several methods ran, the first in METHODS order that names the sample a duplicate wins.
+# docs/queries.md repeats this text verbatim for plain ``duckdb`` users (a test checks it).
+_RANK = "list_position(['exact', 'phash', 'semantic'], method)"
+SAMPLES_DEDUP_VIEW_SQL = f"""\
+CREATE VIEW samples AS
+SELECT s.*, d.duplicate_of, d.duplicate_method
+FROM read_parquet({{files}}, union_by_name = true) AS s
+LEFT JOIN (
+    SELECT shard, key,
+           arg_min(duplicate_of, {_RANK}) FILTER (WHERE duplicate_of IS NOT NULL) AS duplicate_of,
+           coalesce(
+               arg_min(method, {_RANK}) FILTER (WHERE duplicate_of IS NOT NULL),
+               arg_min(method, {_RANK})
+           ) AS duplicate_method
+    FROM duplicates
+    GROUP BY shard, key
+) AS d ON s.shard = d.shard AND s.key = d.key;"""
 
 # One row per scored text. ``score`` is what ranking uses (SCORE_SQL);
 # ``score_rank`` is 1 for the highest score in the sample (ties share a rank);
@@ -69,12 +100,18 @@ class ReadOnlyQueryError(ValueError):
 
 @dataclass(frozen=True)
 class RunOutput:
-    """A run directory, its sample Parquet files and its manifest (None when absent)."""
+    """A run directory, its sample Parquet files and its manifest (None when absent), and the
+    result files of its finished ``curate dedup`` runs by method (empty when none)."""
 
     root: Path
     sample_files: tuple[str, ...]
     manifest: dict[str, Any] | None
     manifest_problem: str | None = None
+    dedup: dict[str, DedupResult] = field(default_factory=dict)
+
+    @property
+    def dedup_files(self) -> tuple[str, ...]:
+        return tuple(f for result in self.dedup.values() for f in result.files)
 
     @property
     def policy(self) -> dict[str, Any]:
@@ -112,7 +149,13 @@ def open_run(out: str | os.PathLike[str] | RunOutput) -> RunOutput:
             problem = f"{manifest_path} could not be read: {exc}"
     else:
         problem = f"no manifest.json in {root} (the run may not have finished)"
-    return RunOutput(root=root, sample_files=files, manifest=manifest, manifest_problem=problem)
+    return RunOutput(
+        root=root,
+        sample_files=files,
+        manifest=manifest,
+        manifest_problem=problem,
+        dedup=read_results(str(root)),
+    )
 
 
 def sql_string(value: str) -> str:
@@ -120,14 +163,25 @@ def sql_string(value: str) -> str:
     return "'" + value.replace("'", "''") + "'"
 
 
-def samples_view_sql(files: Sequence[str] | str) -> str:
-    """The ``samples`` view over explicit files (a list) or a glob (a string)."""
-    target = sql_string(files) if isinstance(files, str) else "[" + ", ".join(map(sql_string, files)) + "]"
-    return SAMPLES_VIEW_SQL.format(files=target)
+def _files_sql(files: Sequence[str] | str) -> str:
+    return sql_string(files) if isinstance(files, str) else "[" + ", ".join(map(sql_string, files)) + "]"
+
+
+def samples_view_sql(files: Sequence[str] | str, dedup: bool = False) -> str:
+    """The ``samples`` view over explicit files (a list) or a glob (a string); ``dedup`` joins
+    the ``duplicates`` view (which must exist) for ``duplicate_of`` and ``duplicate_method``."""
+    return (SAMPLES_DEDUP_VIEW_SQL if dedup else SAMPLES_VIEW_SQL).format(files=_files_sql(files))
+
+
+def duplicates_view_sql(files: Sequence[str] | str) -> str:
+    """The ``duplicates`` view over dedup result files; empty (same columns) without any."""
+    if not files:
+        return EMPTY_DUPLICATES_VIEW_SQL
+    return DUPLICATES_VIEW_SQL.format(files=_files_sql(files))
 
 
 def connect(out: str | os.PathLike[str] | RunOutput, *, read_only: bool = True) -> duckdb.DuckDBPyConnection:
-    """An in-memory DuckDB connection with the ``samples`` and ``candidates`` views.
+    """An in-memory DuckDB connection with the ``samples``, ``candidates`` and ``duplicates`` views.
 
     With ``read_only`` (the default) the connection can read only the run's sample files
     and its own private spill directory, and its configuration is locked so a query
@@ -136,14 +190,15 @@ def connect(out: str | os.PathLike[str] | RunOutput, *, read_only: bool = True) 
     """
     run = open_run(out)
     con = duckdb.connect(":memory:")
-    con.execute(samples_view_sql(run.sample_files))
+    con.execute(duplicates_view_sql(run.dedup_files))
+    con.execute(samples_view_sql(run.sample_files, dedup=bool(run.dedup_files)))
     con.execute(CANDIDATES_VIEW_SQL)
     if read_only:
         spill = tempfile.mkdtemp(prefix="curate-duckdb-")
         weakref.finalize(con, shutil.rmtree, spill, ignore_errors=True)
         con.execute(f"SET temp_directory = {sql_string(spill)}")
         con.execute("SET python_enable_replacements = false")
-        con.execute("SET allowed_paths = $paths", {"paths": list(run.sample_files)})
+        con.execute("SET allowed_paths = $paths", {"paths": [*run.sample_files, *run.dedup_files]})
         con.execute("SET autoinstall_known_extensions = false")
         con.execute("SET enable_external_access = false")
         con.execute("SET lock_configuration = true")
