@@ -13,8 +13,9 @@ from typing import Any
 
 import duckdb
 
+from curate.dedup.phash import hamming
 from curate.explore.plots import length_chart, outcome_chart, score_histogram
-from curate.explore.stats import SHARD_HEADERS, compute_stats, shard_rows
+from curate.explore.stats import DUPLICATE_HEADERS, SHARD_HEADERS, compute_stats, duplicate_rows, shard_rows
 from curate.explore.tables import fmt_num, fmt_pct
 from curate.explore.thumbnails import Thumbnail, load_thumbnails
 from curate.explore.views import (
@@ -25,6 +26,7 @@ from curate.explore.views import (
     fetch_dicts,
     open_run,
     samples_view_sql,
+    sql_string,
 )
 from curate.io.files import write_atomic
 from curate.schema import SOURCE_ALT, STATUS_DROPPED, STATUS_ERROR, STATUS_KEPT, STATUSES, candidate_score
@@ -77,6 +79,8 @@ background:#777}.src-alt{background:#d9822b}.src-synthetic{background:#2b7bd9}.s
 .st-kept{background:#3a9e4f}.st-dropped{background:#d9822b}.st-error{background:#c23b3b}
 .reason{color:#a4461d}.warn{color:#a4461d}.empty{color:#6b7280;font-style:italic}
 .lost{text-decoration:line-through;color:#6b7280}
+.pairs{display:grid;grid-template-columns:repeat(auto-fill,minmax(360px,1fr));gap:10px}
+.pair{display:grid;grid-template-columns:1fr 1fr;gap:8px}
 """
 
 
@@ -262,6 +266,76 @@ def _source_table(stats: dict[str, Any]) -> str:
     return _table(headers, rows, [False] + [True] * 9) if rows else '<p class="empty">no candidates</p>'
 
 
+_PAIR_COLUMNS = "shard, key, status, reason, source_url, image_ext, image_sha256, image_phash, width, height"
+
+
+def _pair_side(row: dict[str, Any], thumb: Thumbnail, role: str) -> str:
+    if thumb.data_uri:
+        size = f'width="{thumb.width}" height="{thumb.height}"'
+        image = f'<img src="{thumb.data_uri}" {size} alt="{_e(row["key"])}">'
+    else:
+        image = f'<div class="noimg">{_e(thumb.problem)}</div>'
+    status = row.get("status") or "?"
+    size = f" · {row['width']}×{row['height']}" if row.get("width") and row.get("height") else ""
+    return (
+        f'<div><div class="thumb">{image}</div><div class="meta">{_e(role)}: '
+        f'<span class="badge st-{_e(status)}">{_e(status)}</span> {_e(row["shard"])}/{_e(row["key"])}'
+        f"{_e(size)}</div></div>"
+    )
+
+
+def _duplicates(
+    run: RunOutput, con: duckdb.DuckDBPyConnection, stats: dict[str, Any], limit: int, thumb_size: int
+) -> str:
+    """Counts per method, then a stable pseudo-random pick of duplicates beside their representative."""
+    dups = stats.get("duplicates") or {}
+    if not dups.get("methods"):
+        return (
+            '<p class="empty">no dedup results: run '
+            "<code>curate dedup OUT --method exact|phash|semantic</code></p>"
+        )
+    parts = [
+        _table(DUPLICATE_HEADERS, duplicate_rows(stats), [False] + [True] * 7),
+        f'<p class="meta">any method: {dups["flagged"]:,} duplicates, {dups["flagged_kept"]:,} of them kept; '
+        f"export --no-duplicates keeps {dups['kept_unique']:,} of {stats['counts'][STATUS_KEPT]:,} kept "
+        "samples</p>",
+    ]
+    dup_columns = ", ".join(f"s.{c.strip()} AS {c.strip()}" for c in _PAIR_COLUMNS.split(","))
+    rep_columns = ", ".join(f"r.{c.strip()} AS rep_{c.strip()}" for c in _PAIR_COLUMNS.split(","))
+    for method in dups["methods"]:
+        rows = fetch_dicts(
+            con.sql(
+                f"SELECT d.group_size, {dup_columns}, {rep_columns} FROM duplicates AS d "
+                "JOIN samples AS s ON s.shard = d.shard AND s.key = d.key "
+                "JOIN samples AS r ON r.shard || '/' || r.key = d.duplicate_of "
+                f"WHERE d.method = {sql_string(method)} "
+                f"ORDER BY hash(d.shard, d.key), d.shard, d.key LIMIT {int(limit)}"
+            )
+        )
+        parts.append(f"<h3>{_e(method)}</h3>")
+        if not rows:
+            parts.append('<p class="empty">no duplicates</p>')
+            continue
+        reps = [{c.strip(): row[f"rep_{c.strip()}"] for c in _PAIR_COLUMNS.split(",")} for row in rows]
+        thumbs = load_thumbnails(run, [*rows, *reps], size=thumb_size)
+        cards = []
+        for row, rep in zip(rows, reps):
+            distance = ""
+            if method == "phash" and row.get("image_phash") and rep.get("image_phash"):
+                distance = f" · {hamming(row['image_phash'], rep['image_phash'])} bits apart"
+            cards.append(
+                '<figure class="card"><div class="pair">'
+                + _pair_side(row, thumbs[(row["shard"], row["key"])], "duplicate")
+                + _pair_side(rep, thumbs[(rep["shard"], rep["key"])], "representative")
+                + f'</div><figcaption class="meta">group of {row["group_size"]}{_e(distance)}</figcaption>'
+                + "</figure>"
+            )
+        shown = stats["duplicates"]["methods"][method]["duplicates"]
+        parts.append(f'<p class="meta">{len(rows):,} of {shown:,} shown (a stable pseudo-random pick)</p>')
+        parts.append(f'<div class="pairs">{"".join(cards)}</div>')
+    return "".join(parts)
+
+
 def _run_sections(
     run: RunOutput, stats: dict[str, Any], *, max_samples: int, thumb_size: int
 ) -> dict[str, str]:
@@ -294,6 +368,7 @@ def _run_sections(
         sections["lengths"] = _img(length_chart(con), "caption length histogram")
         for grid_id, _title, where in GRIDS:
             sections[grid_id] = _grid(run, con, where, max_samples, thumb_size)
+        sections["duplicates"] = _duplicates(run, con, stats, max_samples, thumb_size)
         sections["shards"] = _table(
             SHARD_HEADERS, shard_rows(stats, 200), [False, True, True, True, True, False, False]
         )
@@ -308,6 +383,7 @@ _SECTION_TITLES = {
     "scores": "Scores per source (dashed line: policy threshold)",
     "lengths": "Caption length",
     **{grid_id: title for grid_id, title, _ in GRIDS},
+    "duplicates": "Duplicate groups (curate dedup): each duplicate beside its group's representative",
     "shards": "Shards",
 }
 

@@ -9,6 +9,7 @@ from typing import Any
 
 import duckdb
 
+from curate.dedup.results import files_fingerprint
 from curate.explore.tables import fmt_num, fmt_pct, terminal_safe, text_table
 from curate.explore.views import (
     SCORE_COLUMNS,
@@ -146,6 +147,7 @@ def compute_stats(out: str | os.PathLike[str] | RunOutput) -> dict[str, Any]:
                 entry[score] = _distribution(con, score, f"SELECT {score} FROM candidates WHERE {where}")
             sources[name] = entry
 
+        duplicates = duplicate_stats(con, run)
         lengths: dict[str, Any] = {
             "best": _length_stats(con, "SELECT caption AS t FROM samples WHERE caption IS NOT NULL"),
             "by_source": {
@@ -176,6 +178,12 @@ def compute_stats(out: str | os.PathLike[str] | RunOutput) -> dict[str, Any]:
         if mismatched:
             detail = ", ".join(f"{k}: manifest {m} vs parquet {p}" for k, (m, p) in mismatched.items())
             warnings.append(f"manifest counts differ from the Parquet rows ({detail})")
+    stale = [m for m, d in duplicates["methods"].items() if d["stale"]]
+    if stale:
+        warnings.append(
+            f"the dedup ({', '.join(stale)}) was computed before the run's samples changed: "
+            f"rerun curate dedup {run.root} --method {stale[0]}"
+        )
     faults = {name: s["fault"] for name, s in shards.items() if s.get("fault")}
     if faults:
         warnings.append(f"{len(faults)} shard(s) reported a fault: " + ", ".join(sorted(faults)))
@@ -202,12 +210,90 @@ def compute_stats(out: str | os.PathLike[str] | RunOutput) -> dict[str, Any]:
         "shards": shards,
         "sources": sources,
         "caption_length": lengths,
+        "duplicates": duplicates,
         "throughput": throughput,
         "policy": run.policy or None,
         "models": manifest.get("models") or {},
         "curate_version": manifest.get("curate_version"),
         "warnings": warnings,
     }
+
+
+def duplicate_stats(con: duckdb.DuckDBPyConnection, run: RunOutput) -> dict[str, Any]:
+    """Per ``curate dedup`` method: its threshold, samples compared, groups, their members,
+    duplicates (members that are not the representative), kept duplicates, the largest group,
+    and whether the run's samples changed since; overall, the samples any method names a
+    duplicate and what ``curate export --no-duplicates`` keeps."""
+    methods: dict[str, dict[str, Any]] = {}
+    if not run.dedup:
+        return {"methods": methods, "flagged": 0, "flagged_kept": 0, "kept_unique": None}
+    current = files_fingerprint(str(run.root), list(run.sample_files))
+    counted = {
+        row["method"]: row
+        for row in fetch_dicts(
+            con.sql(
+                'SELECT d.method, count(DISTINCT d."group") AS groups, count(*) AS in_groups, '
+                "count(d.duplicate_of) AS duplicates, "
+                f"count(d.duplicate_of) FILTER (WHERE s.status = '{STATUS_KEPT}') AS kept_duplicates, "
+                "max(d.group_size) AS largest_group "
+                "FROM duplicates AS d LEFT JOIN (SELECT shard, key, status FROM samples) AS s "
+                "ON d.shard = s.shard AND d.key = s.key GROUP BY d.method"
+            )
+        )
+    }
+    for method, result in run.dedup.items():
+        row = counted.get(method, {})
+        methods[method] = {
+            "threshold": result.meta.get("threshold"),
+            "compared": int(result.meta.get("samples") or 0),
+            "groups": int(row.get("groups") or 0),
+            "in_groups": int(row.get("in_groups") or 0),
+            "duplicates": int(row.get("duplicates") or 0),
+            "kept_duplicates": int(row.get("kept_duplicates") or 0),
+            "largest_group": int(row.get("largest_group") or 0),
+            "finished_at": result.meta.get("finished_at"),
+            "stale": (result.meta.get("plan") or {}).get("samples") != current,
+        }
+    flagged, flagged_kept, kept_unique = con.sql(
+        "SELECT count(duplicate_of), "
+        f"count(duplicate_of) FILTER (WHERE status = '{STATUS_KEPT}'), "
+        f"count(*) FILTER (WHERE status = '{STATUS_KEPT}' AND duplicate_of IS NULL) FROM samples"
+    ).fetchall()[0]
+    return {
+        "methods": methods,
+        "flagged": int(flagged),
+        "flagged_kept": int(flagged_kept),
+        "kept_unique": int(kept_unique),
+    }
+
+
+DUPLICATE_HEADERS = (
+    "method",
+    "threshold",
+    "compared",
+    "groups",
+    "in groups",
+    "duplicates",
+    "kept dups",
+    "largest",
+)
+
+
+def duplicate_rows(stats: dict[str, Any]) -> list[tuple[Any, ...]]:
+    """The methods of :func:`duplicate_stats` as rows under :data:`DUPLICATE_HEADERS`."""
+    return [
+        (
+            method + (" (stale)" if d["stale"] else ""),
+            "-" if d["threshold"] is None else fmt_num(d["threshold"]),
+            d["compared"],
+            d["groups"],
+            d["in_groups"],
+            d["duplicates"],
+            d["kept_duplicates"],
+            d["largest_group"],
+        )
+        for method, d in stats["duplicates"]["methods"].items()
+    ]
 
 
 SHARD_HEADERS = ("shard", "samples", "kept", "dropped", "error", "keep", "fault")
@@ -334,6 +420,16 @@ def format_stats(stats: dict[str, Any], *, max_shards: int = 30) -> str:
                 length_rows,
                 right=[False] + [True] * (7 + len(bucket_labels)),
             )
+        )
+
+    dups = stats.get("duplicates") or {}
+    if dups.get("methods"):
+        lines += ["", "duplicate groups (curate dedup; a group's representative is not a duplicate)"]
+        lines.append(text_table(DUPLICATE_HEADERS, duplicate_rows(stats), right=[False] + [True] * 7))
+        kept = counts[STATUS_KEPT]
+        lines.append(
+            f"any method: {dups['flagged']:,} duplicates, {dups['flagged_kept']:,} of them kept; "
+            f"export --no-duplicates keeps {dups['kept_unique']:,} of {kept:,} kept samples"
         )
 
     shards = stats["shards"]
