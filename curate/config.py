@@ -351,6 +351,147 @@ class PolicyConfig:
             raise ConfigError(f"{prefix}.prefer_margin: must be >= 0, got {self.prefer_margin}")
 
 
+# ``rules.alt_text.min_language_score`` when ``languages`` is set: on the 100 hand-labelled titles of
+# the demo shards (tests/fixtures/openclipart_titles_lang.tsv) 0.8 is the lowest round minimum at which
+# no title in another language passes ``languages: [en]``; it also holds on all 200 labelled titles.
+# The price is recall on one- and two-word titles (docs/rules.md): null turns the minimum off
+# (DataComp's rule), 0.2-0.3 keeps most English titles.
+DEFAULT_MIN_LANGUAGE_SCORE = 0.8
+
+
+def _rule_error(prefix: str, exc: Exception) -> ConfigError:
+    field_name = getattr(exc, "field", None)
+    problem = getattr(exc, "problem", str(exc))
+    return ConfigError(f"{prefix}.{field_name}: {problem}" if field_name else f"{prefix}: {problem}")
+
+
+@dataclass
+class AltTextRulesConfig:
+    """Which alt-texts may stay candidate captions (``curate.rules.AltTextRules``); null turns a rule off.
+
+    An alt-text that fails one is still scored, so the output shows what the rule cost, but it is
+    never kept; when nothing else is left, the sample's drop reason names the rule."""
+
+    min_words: int | None = None
+    min_chars: int | None = None
+    languages: list[str] | None = None  # ISO 639-1 codes, e.g. [en]
+    min_language_score: float | None = DEFAULT_MIN_LANGUAGE_SCORE  # only read when languages is set
+    reject_boilerplate: bool = False  # file names, generated descriptions, stock-photo ids, bare links
+
+    def rules(self) -> Any:
+        """The ``curate.rules.AltTextRules`` these settings describe."""
+        from curate.rules import AltTextRules
+
+        return AltTextRules(
+            min_words=self.min_words,
+            min_chars=self.min_chars,
+            languages=tuple(self.languages) if self.languages is not None else None,
+            min_language_score=self.min_language_score if self.languages is not None else None,
+            reject_boilerplate=self.reject_boilerplate,
+        )
+
+    def _validate(self, prefix: str) -> None:
+        from curate.rules import RuleError, language_detector
+
+        try:
+            rules = self.rules()
+            if rules.languages is not None:  # the model ships in its package: loads in under a second
+                language_detector().check_languages(rules.languages)
+        except RuleError as exc:
+            raise _rule_error(prefix, exc) from None
+        except ImportError as exc:
+            raise ConfigError(f"{prefix}.languages: {exc}") from None
+
+
+@dataclass
+class RulesConfig:
+    """Cheap rules checked in the decode task, before any model (``curate.rules``, docs/rules.md).
+
+    A sample whose image fails one is dropped with the rule's reason (``image_too_small``,
+    ``aspect_ratio``, ``too_few_pixels``) and never reaches a model. DataComp's basic filter is
+    ``min_side: 200, max_aspect_ratio: 3`` with ``alt_text: {languages: [en], min_words: 3,
+    min_chars: 6, min_language_score: null}``."""
+
+    min_side: int | None = None  # the shorter side of the original image, in pixels
+    max_aspect_ratio: float | None = None  # long side / short side
+    min_pixels: int | None = None  # width * height
+    alt_text: AltTextRulesConfig = field(default_factory=AltTextRulesConfig)
+
+    def image_rules(self) -> Any:
+        """The ``curate.rules.ImageRules`` these settings describe."""
+        from curate.rules import ImageRules
+
+        return ImageRules(
+            min_side=self.min_side, max_aspect_ratio=self.max_aspect_ratio, min_pixels=self.min_pixels
+        )
+
+    def _validate(self, prefix: str) -> None:
+        from curate.rules import RuleError
+
+        try:
+            self.image_rules()
+        except RuleError as exc:
+            raise _rule_error(prefix, exc) from None
+        self.alt_text._validate(f"{prefix}.alt_text")
+
+
+@dataclass
+class AestheticConfig:
+    """An aesthetic score from a head on the ranker's unit image embeddings (LAION's predictor: linear
+    layers over CLIP ViT-L/14, e.g. ``ttj/sac-logos-ava1-l14-linearMSE``). It runs inside the ranker's
+    actor, so no image is encoded twice; ``aesthetic_score`` is written for every sample the ranker
+    scores and a sample below ``min_score`` is dropped (``aesthetic_below_threshold``)."""
+
+    model: str = ""  # Hugging Face id, a local directory, or a local .safetensors file
+    revision: str | None = None
+    filename: str = "model.safetensors"  # the weights file inside the repository or directory
+    # between the linear layers; LAION's linearMSE heads have none, their reluMSE ones ReLU
+    activation: Literal["none", "relu"] = "none"
+    allow_pickle_weights: bool = False  # LAION's original .pth files; safetensors conversions need not
+    min_score: float | None = None  # LAION-Aesthetics subsets use 5, 6 and 6.5 (a 1-10 scale)
+
+    def _validate(self, prefix: str) -> None:
+        if not self.model:
+            raise ConfigError(f"{prefix}.model: a Hugging Face id, a local directory or a .safetensors file")
+        if not self.filename:
+            raise ConfigError(f"{prefix}.filename: must name the weights file")
+
+
+@dataclass
+class ImageClassifierConfig(ModelConfig):
+    """A transformers image classifier (``AutoModelForImageClassification``, e.g. a ViT) in its own
+    actor pool, run right after decode so a sample it drops skips the captioner and the scorers.
+    The score is the probability of ``label`` (a name in the model's ``id2label``, or its index)."""
+
+    label: int | str = ""
+    max_score: float | None = None  # drop a sample whose score is above this; null: score only
+    resources: ScorerResources = field(default_factory=ScorerResources)
+
+    def _validate(self, prefix: str) -> None:
+        super()._validate(prefix)
+        if isinstance(self.label, str) and not self.label:
+            raise ConfigError(f"{prefix}.label: name the class to score (a label of the model, or its index)")
+        if isinstance(self.label, int) and self.label < 0:
+            raise ConfigError(f"{prefix}.label: a class index must be >= 0, got {self.label}")
+        if self.max_score is not None and not 0.0 <= self.max_score <= 1.0:
+            raise ConfigError(f"{prefix}.max_score: must be in [0, 1], got {self.max_score}")
+
+
+@dataclass
+class NsfwConfig(ImageClassifierConfig):
+    """NSFW probability (``nsfw_score``), e.g. ``Falconsai/nsfw_image_detection`` (labels normal, nsfw)."""
+
+    label: int | str = "nsfw"
+
+
+@dataclass
+class WatermarkConfig(ImageClassifierConfig):
+    """Watermark probability (``watermark_score``), e.g. ``amrul-hzz/watermark_detector`` with
+    ``label: 1`` (the class data-juicer's watermark filter reads)."""
+
+    label: int | str = "watermark"
+
+
 # what img2dataset reads
 UrlListFormat = Literal[
     "parquet", "csv", "tsv", "jsonl", "json", "txt", "csv.gz", "tsv.gz", "jsonl.gz", "json.gz", "txt.gz"
@@ -416,11 +557,16 @@ class OutputConfig:
     write_shards: bool = True
     # samples per output Parquet row group, bounds writer memory
     row_group_size: int = 1024
+    # OUT/embeddings/NAME.parquet: each sample's ranker image embedding and its best caption's text
+    # embedding (for dedup, retrieval indexes and analysis); needs a ranker
+    write_embeddings: bool = False
+    embedding_dtype: Literal["float16", "float32"] = "float16"
 
 
 @dataclass
 class PipelineConfig:
-    """A whole pipeline: read -> decode -> caption -> [rewrite] -> filter -> rank -> policy -> write."""
+    """A whole pipeline: read -> decode (+ rules) -> [nsfw, watermark] -> caption -> [rewrite] -> filter
+    -> rank (+ aesthetic head) -> policy -> write."""
 
     name: str = "pipeline"
     seed: int = 0
@@ -434,6 +580,10 @@ class PipelineConfig:
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     ingest: IngestConfig | None = None  # how URL-list inputs are downloaded first
+    rules: RulesConfig | None = None  # cheap checks in the decode task, before any model
+    nsfw: NsfwConfig | None = None  # image classifiers, right after decode
+    watermark: WatermarkConfig | None = None
+    aesthetic: AestheticConfig | None = None  # a head on the ranker's image embeddings
 
     def validate(self) -> PipelineConfig:
         for f in dataclasses.fields(self):
@@ -454,6 +604,10 @@ class PipelineConfig:
             raise ConfigError("policy.prefer_source: 'kale' needs a 'rewriter' section")
         if p.prefer_source is not None and self.filter is None and self.ranker is None:
             raise ConfigError("policy.prefer_source: comparing scores needs a 'filter' or 'ranker' section")
+        if self.aesthetic is not None and self.ranker is None:
+            raise ConfigError("aesthetic: needs a 'ranker' section (the head reads its image embedding)")
+        if self.output.write_embeddings and self.ranker is None:
+            raise ConfigError("output.write_embeddings: needs a 'ranker' section (whose encoders give them)")
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -467,9 +621,15 @@ class PipelineConfig:
                 ("rewriter", self.rewriter),
                 ("filter", self.filter),
                 ("ranker", self.ranker),
+                ("nsfw", self.nsfw),
+                ("watermark", self.watermark),
             )
             if cfg is not None
         }
+
+    def heads(self) -> dict[str, AestheticConfig]:
+        """Weights that run inside another stage's actor (the aesthetic head, in the ranker's)."""
+        return {"aesthetic": self.aesthetic} if self.aesthetic is not None else {}
 
 
 def _positive(value: int | float, name: str) -> None:

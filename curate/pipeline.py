@@ -166,6 +166,7 @@ def build_dataset(cfg: PipelineConfig, shards: list[ShardRef], output: str):
                 fn_kwargs={
                     "batch_size": read.batch_size,
                     "decode": cfg.decode,
+                    "rules": cfg.rules,
                     "policy": cfg.policy,
                     "output": output,
                     "write_tars": cfg.output.write_shards,
@@ -188,7 +189,7 @@ def build_dataset(cfg: PipelineConfig, shards: list[ShardRef], output: str):
     )
     ds = ds.map_batches(
         decode_batch,
-        fn_kwargs={"cfg": cfg.decode},
+        fn_kwargs={"cfg": cfg.decode, "rules": cfg.rules},
         batch_size=None,
         batch_format="pyarrow",
         num_cpus=decode.num_cpus,
@@ -258,10 +259,34 @@ def _without_resources(value: Any) -> Any:
     return value
 
 
+# Fields added to the configuration after outputs were written without them, with the value that
+# writes what those outputs hold: at that value a field is left out of the fingerprint, so an
+# earlier run still resumes; set otherwise, it changes what is written and the fingerprint.
+ADDED_FIELDS: dict[tuple[str, ...], Any] = {
+    ("rules",): None,
+    ("nsfw",): None,
+    ("watermark",): None,
+    ("aesthetic",): None,
+    ("output", "write_embeddings"): False,
+    ("output", "embedding_dtype"): "float16",
+}
+
+
+def _without_added_defaults(data: dict[str, Any]) -> dict[str, Any]:
+    for path, default in ADDED_FIELDS.items():
+        *parents, name = path
+        section = data
+        for parent in parents:
+            section = section.get(parent) or {}
+        if name in section and section[name] == default:
+            del section[name]
+    return data
+
+
 def config_fingerprint(cfg: PipelineConfig) -> str:
     """Identifies what a pipeline writes: the configuration without any section's
     ``resources`` (where and how fast a stage runs), so a run resumes with other resources."""
-    data = _without_resources(cfg.to_dict())
+    data = _without_added_defaults(_without_resources(cfg.to_dict()))
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 

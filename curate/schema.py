@@ -14,9 +14,11 @@ samples/*.parquet
     height       int32  decoded image height
     caption      str    the best kept caption (null unless kept)
     captions     list<str>  every kept caption, best first
-    candidates   list<struct<text, source, itm_score, clip_score, kept>>
+    candidates   list<struct<text, source, itm_score, clip_score, kept, rule>>
                  every text that was scored: source is 'alt', 'synthetic' or 'kale'
-                 (the LLM rewrite of the dense caption with the alt-text)
+                 (the LLM rewrite of the dense caption with the alt-text); ``rule`` names the
+                 alt-text rule the text failed ('alt_text_language', ...): it was scored but
+                 could not be kept (null when it passed, or no rules ran)
     url          str    ``url`` from ``KEY.json`` when present
     image_ext    str    extension of the image member ('jpg', 'png', ...)
     image_sha256 str    sha256 of the original image bytes
@@ -35,6 +37,14 @@ samples/*.parquet
                          resize (``image_sha256`` is of the bytes in the tar); null on failure
     image_phash  str    64-bit DCT perceptual hash of the decoded image, 16 hex digits
                         (curate.dedup.phash); null when the image was not decoded
+    alt_text_language        str      the alt-text's language by the ``rules.alt_text.languages``
+                                      rule's model (ISO 639-1, 'und' without letters); null without
+                                      that rule or an alt-text
+    alt_text_language_score  float32  the model's probability for that language
+    aesthetic_score  float32  the aesthetic head's score of the ranker's image embedding (LAION's
+                              1-10 scale); null without an ``aesthetic`` section
+    nsfw_score       float32  the NSFW classifier's probability; null without an ``nsfw`` section
+    watermark_score  float32  the watermark classifier's probability; null without ``watermark``
 """
 
 from __future__ import annotations
@@ -60,6 +70,7 @@ CANDIDATE_TYPE = pa.struct(
         pa.field("itm_score", pa.float32()),
         pa.field("clip_score", pa.float32()),
         pa.field("kept", pa.bool_()),
+        pa.field("rule", pa.string()),
     ]
 )
 
@@ -98,6 +109,11 @@ SAMPLES_SCHEMA = pa.schema(
         pa.field("download_error", pa.string()),
         pa.field("download_sha256", pa.string()),
         pa.field("image_phash", pa.string()),
+        pa.field("alt_text_language", pa.string()),
+        pa.field("alt_text_language_score", pa.float32()),
+        pa.field("aesthetic_score", pa.float32()),
+        pa.field("nsfw_score", pa.float32()),
+        pa.field("watermark_score", pa.float32()),
     ]
 )
 
@@ -107,7 +123,9 @@ SAMPLES_SCHEMA = pa.schema(
 # computed (``kept`` is null until the policy decides); the writer casts to CANDIDATE_TYPE.
 # ``image`` holds the original bytes; ``pixels`` the decoded RGB (uint8, row-major,
 # downscaled to the decode stage's ``max_side``) with its shape in ``pixels_width`` and
-# ``pixels_height``; ``width``/``height`` stay the original image size.
+# ``pixels_height``; ``width``/``height`` stay the original image size. With
+# ``output.write_embeddings``, the ranker leaves its unit image embedding in ``image_embedding`` and
+# each candidate's text embedding in its ``text_embedding`` (float32 bytes) for the writer.
 ROW_SAMPLE = "sample"
 ROW_SHARD_END = "shard_end"
 
@@ -118,6 +136,8 @@ INTERNAL_CANDIDATE_TYPE = pa.struct(
         pa.field("itm_score", pa.float64()),
         pa.field("clip_score", pa.float64()),
         pa.field("kept", pa.bool_()),
+        pa.field("rule", pa.string()),
+        pa.field("text_embedding", pa.binary()),
     ]
 )
 
@@ -154,6 +174,12 @@ INTERNAL_SCHEMA = pa.schema(
         pa.field("shard_total", pa.int64()),
         pa.field("shard_error", pa.string()),
         pa.field("image_phash", pa.string()),
+        pa.field("alt_text_language", pa.string()),
+        pa.field("alt_text_language_score", pa.float64()),
+        pa.field("aesthetic_score", pa.float64()),
+        pa.field("nsfw_score", pa.float64()),
+        pa.field("watermark_score", pa.float64()),
+        pa.field("image_embedding", pa.binary()),
     ]
 )
 

@@ -123,6 +123,7 @@ def _output_candidates(candidates: list[dict] | None) -> list[dict]:
                 "itm_score": c.get("itm_score"),
                 "clip_score": c.get("clip_score"),
                 "kept": bool(c.get("kept", False)),
+                "rule": c.get("rule"),
             }
         )
     return out

@@ -15,8 +15,9 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from curate.config import DecodeConfig
+from curate.config import DecodeConfig, RulesConfig
 from curate.dedup.phash import phash_hex
+from curate.rules import check_alt_text, check_image
 from curate.schema import SOURCE_ALT, STATUS_DROPPED
 from curate.stages.memory import release_free_memory
 from curate.stages.rows import fail, is_pending, set_candidates, to_rows, to_table
@@ -91,9 +92,17 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def decode_rows(rows: list[dict], cfg: DecodeConfig, keep_pixels: bool = True) -> list[dict]:
+def decode_rows(
+    rows: list[dict], cfg: DecodeConfig, keep_pixels: bool = True, rules: RulesConfig | None = None
+) -> list[dict]:
     """Decode and check each pending row's image; ``keep_pixels=False`` (no model stage
-    will look at them) checks without carrying the decoded pixels on."""
+    will look at them) checks without carrying the decoded pixels on.
+
+    ``rules`` run here, where the original size is known, before any model: an image that fails
+    one is dropped with the rule's reason and its pixels never leave this task; an alt-text that
+    fails one still becomes a candidate (it is scored) whose ``rule`` says why it cannot be kept."""
+    image_rules = rules.image_rules() if rules is not None else None
+    alt_rules = rules.alt_text.rules() if rules is not None else None
     for row in rows:
         if not is_pending(row):
             continue
@@ -120,19 +129,36 @@ def decode_rows(rows: list[dict], cfg: DecodeConfig, keep_pixels: bool = True) -
             row["reason"] = "image_too_small"
             row["image"] = None
             continue
+        alt_rule = None
+        if rules is not None:
+            text = check_alt_text(alt, alt_rules)
+            if alt_rules.languages is not None:
+                row["alt_text_language"] = text.language
+                row["alt_text_language_score"] = text.language_score
+            alt_rule = text.reason
+            image_reason = check_image(width, height, image_rules)
+            if image_reason is not None:
+                row["status"] = STATUS_DROPPED
+                row["reason"] = image_reason
+                row["image"] = None
+                continue
         if keep_pixels:
             row["pixels"] = pixels.tobytes()
             row["pixels_height"], row["pixels_width"] = pixels.shape[:2]
         candidates = []
         if alt:
-            candidates.append({"text": alt, "source": SOURCE_ALT, "itm_score": None, "clip_score": None})
+            candidates.append(
+                {"text": alt, "source": SOURCE_ALT, "itm_score": None, "clip_score": None, "rule": alt_rule}
+            )
         set_candidates(row, candidates)
     return rows
 
 
-def decode_batch(batch: pa.Table, cfg: DecodeConfig, keep_pixels: bool = True) -> pa.Table:
+def decode_batch(
+    batch: pa.Table, cfg: DecodeConfig, keep_pixels: bool = True, rules: RulesConfig | None = None
+) -> pa.Table:
     """Ray Data entry point (a task, not an actor: decoding holds no state)."""
-    out = to_table(decode_rows(to_rows(batch), cfg, keep_pixels))
+    out = to_table(decode_rows(to_rows(batch), cfg, keep_pixels, rules))
     release_free_memory()  # a huge image's decode buffers must not stay with the worker
     return out
 

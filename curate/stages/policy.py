@@ -5,6 +5,8 @@ is below the threshold and drops the sample when nothing survives. BLIP-2 ranks 
 alt-text together with the synthetic captions by CLIP score and keeps the top k.
 Combined, the ITM filter runs first and CLIP ranks what survives. KALE prefers its
 rewrite (``prefer_source``) when it scores within ``prefer_margin`` of the best other text.
+An alt-text that failed a rule (its ``rule`` is set, ``curate.rules``) is never kept; when it
+was the only text, the drop reason is that rule.
 """
 
 from __future__ import annotations
@@ -46,8 +48,10 @@ def decide(candidates: list[dict], policy: PolicyConfig) -> tuple[list[dict], st
     for c in candidates:
         c["kept"] = False
     pool = [c for c in candidates if policy.keep_alt_text or c["source"] != SOURCE_ALT]
+    ruled = [c["rule"] for c in pool if c.get("rule")]
+    pool = [c for c in pool if not c.get("rule")]
     if not pool:
-        return [], "no_text"
+        return [], ruled[0] if ruled else "no_text"
     if policy.itm_threshold is not None:
         pool = [c for c in pool if c.get("itm_score") is not None and c["itm_score"] >= policy.itm_threshold]
         if not pool:

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import pyarrow as pa
 
-from curate.config import DecodeConfig, PolicyConfig
+from curate.config import DecodeConfig, PolicyConfig, RulesConfig
 from curate.io.reader import read_shard
 from curate.io.writer import SUMMARY_SCHEMA, ShardStreamWriter, write_part
 from curate.stages.decode import decode_rows
@@ -35,15 +35,16 @@ def convert_shards(
     policy: PolicyConfig,
     output: str,
     write_tars: bool = True,
+    rules: RulesConfig | None = None,
 ) -> Iterator[pa.Table]:
     """Ray Data entry point of a pipeline without models: each shard of ``batch`` read,
-    its images checked, each sample decided and written, in this one task; yields the
+    its images checked (and ``rules`` applied), each sample decided and written, in this one task; yields the
     summary of every block (the last one of a shard carries its meta)."""
     writer = ShardStreamWriter(output, write_tars)
     try:
         for shard in shard_refs_of(batch):
             for rows in read_shard(shard, batch_size=batch_size):
-                rows = decode_rows(rows, decode, keep_pixels=False)
+                rows = decode_rows(rows, decode, keep_pixels=False, rules=rules)
                 rows = apply_policy_rows(rows, policy, keep_images=write_tars)
                 yield pa.Table.from_pylist(writer(rows, shard.url), schema=SUMMARY_SCHEMA)
                 release_free_memory()

@@ -178,6 +178,7 @@ def test_parquet_rows_sorted_by_seq_with_values(finished):
         "itm_score": pytest.approx(0.9),
         "clip_score": pytest.approx(0.33),
         "kept": True,
+        "rule": None,  # no alt-text rule ran
     }
     assert [c["kept"] for c in first["candidates"]] == [True, True, False]
     assert (first["width"], first["height"]) == (20, 10)
