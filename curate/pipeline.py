@@ -37,6 +37,7 @@ from curate.config import PACKAGED_PREFIX, ModelConfig, PipelineConfig
 from curate.io.files import output_fs, write_atomic
 from curate.io.reader import ShardRef
 from curate.io.writer import (
+    EMBEDDINGS_DIR,
     MANIFEST,
     PARTS_DIR,
     PIPELINE_FILE,
@@ -143,6 +144,11 @@ def _quiet_driver(ds, cfg: PipelineConfig):
     return ds
 
 
+def embedding_dtype(cfg: PipelineConfig) -> str | None:
+    """The dtype of the embeddings the run writes (``OUT/embeddings``), None when it writes none."""
+    return cfg.output.embedding_dtype if cfg.output.write_embeddings else None
+
+
 def build_dataset(cfg: PipelineConfig, shards: list[ShardRef], output: str):
     """The lazy Ray Dataset of ``shards``: its rows end as part files under ``output``, and
     what it yields is the write summary of each block (``SUMMARY_SCHEMA``)."""
@@ -204,15 +210,22 @@ def build_dataset(cfg: PipelineConfig, shards: list[ShardRef], output: str):
     if cfg.rewriter is not None:
         ds = _map_actor(ds, RewriteStage, cfg.rewriter, rows, seed=seed, error_policy=errors)
     fused = fused_scoring(cfg.filter, cfg.ranker)
+    # the ranker's encoders give the embeddings a run writes out (and the aesthetic head reads)
+    ranked = {"write_embeddings": cfg.output.write_embeddings}
     if fused:  # one bridge filter, both heads: each image and text encoded once
-        ds = _map_actor(ds, ScoreStage, cfg.filter, rows, error_policy=errors)
+        ds = _map_actor(ds, ScoreStage, cfg.filter, rows, error_policy=errors, **ranked)
     elif cfg.filter is not None:
         ds = _map_actor(ds, FilterStage, cfg.filter, rows, error_policy=errors)
     if cfg.ranker is not None and not fused:
-        ds = _map_actor(ds, RankStage, cfg.ranker, rows, error_policy=errors)
+        ds = _map_actor(ds, RankStage, cfg.ranker, rows, error_policy=errors, **ranked)
     ds = ds.map_batches(
         finish_block,
-        fn_kwargs={"policy": cfg.policy, "output": output, "write_tars": cfg.output.write_shards},
+        fn_kwargs={
+            "policy": cfg.policy,
+            "output": output,
+            "write_tars": cfg.output.write_shards,
+            "embeddings": embedding_dtype(cfg),
+        },
         batch_size=None,
         batch_format="pyarrow",
         num_cpus=0.25,
@@ -353,7 +366,7 @@ def prepare_output(output: str, cfg: PipelineConfig, overwrite: bool) -> None:
     """Create the layout, refuse to mix pipelines, clear temp files of a crashed run."""
     fs, root = output_fs(output)
     if overwrite:
-        for sub in (SAMPLES_DIR, SHARDS_DIR, SHARD_META_DIR, PARTS_DIR):
+        for sub in (SAMPLES_DIR, SHARDS_DIR, SHARD_META_DIR, PARTS_DIR, EMBEDDINGS_DIR):
             if fs.exists(f"{root}/{sub}"):
                 fs.rm(f"{root}/{sub}", recursive=True)
         for name in (MANIFEST, PIPELINE_FILE):
@@ -428,7 +441,7 @@ def _run_shards(
     import ray
 
     commit = ray.remote(commit_shard).options(num_cpus=0.25, max_retries=3, retry_exceptions=False)
-    tracker = ShardTracker(output, todo, write_tars=cfg.output.write_shards)
+    tracker = ShardTracker(output, todo, write_tars=cfg.output.write_shards, embeddings=embedding_dtype(cfg))
     commits: dict[Any, str] = {}
 
     def finished(meta: dict) -> None:

@@ -45,6 +45,15 @@ samples/*.parquet
                               1-10 scale); null without an ``aesthetic`` section
     nsfw_score       float32  the NSFW classifier's probability; null without an ``nsfw`` section
     watermark_score  float32  the watermark classifier's probability; null without ``watermark``
+
+embeddings/*.parquet (``output.write_embeddings: true``; one file per shard, committed before
+its samples file) -- a row per sample the ranker scored, in the samples' order:
+    key              str   joins samples.key (with shard)
+    shard            str
+    image_embedding  list<float16|float32>  the ranker's unit image embedding (CLIP's image
+                                            tower, the bridge filter's ITC projection)
+    text_embedding   list<float16|float32>  the same ranker's unit embedding of the best kept
+                                            caption (``caption``); null when none was kept
 """
 
 from __future__ import annotations
@@ -116,6 +125,22 @@ SAMPLES_SCHEMA = pa.schema(
         pa.field("watermark_score", pa.float32()),
     ]
 )
+
+EMBEDDING_DTYPES = {"float16": pa.float16(), "float32": pa.float32()}
+
+
+def embeddings_schema(dtype: str = "float16") -> pa.Schema:
+    """``embeddings/NAME.parquet`` with vectors of ``dtype`` (``output.embedding_dtype``)."""
+    vector = pa.list_(EMBEDDING_DTYPES[dtype])
+    return pa.schema(
+        [
+            pa.field("key", pa.string()),
+            pa.field("shard", pa.string()),
+            pa.field("image_embedding", vector),
+            pa.field("text_embedding", vector),
+        ]
+    )
+
 
 # Rows travel between pipeline stages with this schema. ``candidates`` is a typed list
 # there too, so no stage parses or re-dumps it: the output's fields with the scores in

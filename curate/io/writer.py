@@ -5,6 +5,8 @@ For each input shard ``NAME``::
     OUT/_parts/NAME/SEQ-TOKEN.parquet   a block's finished rows (and kept images), while the run is on
     OUT/shards/NAME.tar                 curated WebDataset: kept samples (image, .txt, .json)
     OUT/_shards/NAME.json               per-shard counts and the shard's read fault, if any
+    OUT/embeddings/NAME.parquet         with ``output.write_embeddings``: the ranker's unit image
+                                        embedding and best caption's text embedding per sample
     OUT/samples/NAME.parquet            one row per input sample (written last: the done marker)
 
 Two steps, both on Ray workers, so rows and images never pass through the driver:
@@ -15,8 +17,9 @@ Two steps, both on Ray workers, so rows and images never pass through the driver
    the shard's ``shard_end`` row, how many the shard has in all.
 2. When the summaries of a shard add up to its total (:class:`ShardTracker`, on the
    driver), :func:`commit_shard` (a task) merges the shard's parts in ``seq`` order into
-   the curated tar and the samples Parquet, each under a temporary name then renamed,
-   Parquet last, and removes the parts.
+   the curated tar, the embeddings and the samples Parquet, each under a temporary name
+   then renamed, the samples Parquet last, and removes the parts. A part holds the block's
+   embeddings too, so they are written, retried and committed with its rows.
 
 A part is named by its first ``seq`` and a random token: a retried block writes a new
 part and the summary names the one that counts, so a lost attempt's part is ignored
@@ -36,6 +39,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import fsspec
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -49,11 +53,13 @@ from curate.schema import (
     STATUS_ERROR,
     STATUS_KEPT,
     STATUSES,
+    embeddings_schema,
 )
 
 SAMPLES_DIR = "samples"
 SHARDS_DIR = "shards"
 SHARD_META_DIR = "_shards"
+EMBEDDINGS_DIR = "embeddings"  # what curate.dedup reads for --method semantic
 PARTS_DIR = "_parts"
 MANIFEST = "manifest.json"
 PIPELINE_FILE = "_pipeline.json"
@@ -61,6 +67,16 @@ ROW_GROUP_SIZE = 4096
 
 # a part: the output rows, plus what the commit needs to order them and build the tar
 PART_SCHEMA = pa.schema([*SAMPLES_SCHEMA, pa.field("seq", pa.int64()), pa.field("image", pa.binary())])
+EMBEDDING_COLUMNS = ("image_embedding", "text_embedding")
+
+
+def part_schema(embeddings: str | None = None) -> pa.Schema:
+    """``PART_SCHEMA``, with the embedding columns of dtype ``embeddings`` when the run writes them."""
+    if embeddings is None:
+        return PART_SCHEMA
+    emb = embeddings_schema(embeddings)
+    return pa.schema([*PART_SCHEMA, *(emb.field(name) for name in EMBEDDING_COLUMNS)])
+
 
 # what a block's write tells the driver, per shard in the block: a few scalars
 SUMMARY_SCHEMA = pa.schema(
@@ -187,17 +203,37 @@ def _split_by_shard(rows: Iterable[dict]) -> tuple[dict[str, list[dict]], dict[s
     return by_shard, ends
 
 
-def part_table(rows: list[dict], write_tars: bool = True) -> pa.Table:
-    """Finished internal rows -> a ``PART_SCHEMA`` table: output columns, ``seq``, and the
-    image bytes of kept samples (only when the run writes curated tars)."""
+def _vector(data: bytes | None) -> list[float] | None:
+    """A float32 embedding as the stages leave it (bytes) -> a list for Arrow; None stays None."""
+    return np.frombuffer(data, dtype=np.float32).tolist() if data is not None else None
+
+
+def best_text_embedding(row: dict) -> bytes | None:
+    """The text embedding of the row's best kept caption (``caption``); None when nothing was kept."""
+    caption = row.get("caption")
+    if caption is None:
+        return None
+    for c in row.get("candidates") or []:
+        if c.get("kept") and c.get("text") == caption:
+            return c.get("text_embedding")
+    return None
+
+
+def part_table(rows: list[dict], write_tars: bool = True, embeddings: str | None = None) -> pa.Table:
+    """Finished internal rows -> a ``part_schema(embeddings)`` table: output columns, ``seq``, the
+    image bytes of kept samples (only when the run writes curated tars) and, when ``embeddings``
+    names a dtype, the ranker's image embedding and the best caption's text embedding."""
     records = []
     for r in rows:
         record = output_row(r)
         record["seq"] = r["seq"]
         keep_image = write_tars and record["status"] == STATUS_KEPT
         record["image"] = r.get("image") if keep_image else None
+        if embeddings is not None:
+            record["image_embedding"] = _vector(r.get("image_embedding"))
+            record["text_embedding"] = _vector(best_text_embedding(r)) if r.get("image_embedding") else None
         records.append(record)
-    return pa.Table.from_pylist(records, schema=PART_SCHEMA)
+    return pa.Table.from_pylist(records, schema=part_schema(embeddings))
 
 
 def _summary(
@@ -215,10 +251,12 @@ def _summary(
     }
 
 
-def write_part(rows: Iterable[dict], output: str, write_tars: bool = True) -> list[dict]:
+def write_part(
+    rows: Iterable[dict], output: str, write_tars: bool = True, embeddings: str | None = None
+) -> list[dict]:
     """Write one block's finished rows, a part file per shard; return a summary per shard.
 
-    Runs on a worker.
+    Runs on a worker. ``embeddings`` (a dtype name) carries the rows' embeddings in the part.
     """
     fs, root = output_fs(output)
     by_shard, ends = _split_by_shard(rows)
@@ -230,7 +268,7 @@ def write_part(rows: Iterable[dict], output: str, write_tars: bool = True) -> li
             fs.makedirs(directory, exist_ok=True)
             part = f"{directory}/{shard_rows[0]['seq']:012d}-{uuid.uuid4().hex[:12]}.parquet"
             with atomic_open(part, fs) as f:
-                pq.write_table(part_table(shard_rows, write_tars), f)
+                pq.write_table(part_table(shard_rows, write_tars, embeddings), f)
         summaries.append(_summary(shard, part, shard_rows, ends.get(shard)))
     return summaries
 
@@ -248,23 +286,29 @@ class ShardSink:
     """One shard's final files, written as its rows arrive in ``seq`` order.
 
     Kept samples stream into the curated tar under a temporary name; the rows (without
-    images) wait in memory for the Parquet, written last by :meth:`commit`. Fed the parts
-    of a shard by :func:`commit_shard`, or a whole shard's blocks by the one task that
-    reads, decodes and writes it (:class:`ShardStreamWriter`).
+    images) and, with ``embeddings`` (their dtype), the embeddings of the samples the ranker
+    saw wait in memory for the embeddings file and the Parquet, written last by
+    :meth:`commit`. Fed the parts of a shard by :func:`commit_shard`, or a whole shard's
+    blocks by the one task that reads, decodes and writes it (:class:`ShardStreamWriter`).
     """
 
-    def __init__(self, output: str, shard: ShardRef, write_tar: bool = True) -> None:
+    def __init__(
+        self, output: str, shard: ShardRef, write_tar: bool = True, embeddings: str | None = None
+    ) -> None:
         self.fs, self.root = output_fs(output)
         self.shard = shard
-        for sub in (SAMPLES_DIR, SHARDS_DIR, SHARD_META_DIR):
+        self.embeddings = embeddings
+        subs = (SAMPLES_DIR, SHARDS_DIR, SHARD_META_DIR) + ((EMBEDDINGS_DIR,) if embeddings else ())
+        for sub in subs:
             self.fs.makedirs(f"{self.root}/{sub}", exist_ok=True)
         self._file = AtomicFile(f"{self.root}/{SHARDS_DIR}/{shard.name}.tar", self.fs) if write_tar else None
         self._tar = TarWriter(self._file.file) if self._file is not None else None
         self._tables: list[pa.Table] = []
+        self._vectors: list[pa.Table] = []
         self._names: set[str] = set()
 
     def add(self, table: pa.Table) -> None:
-        """A ``PART_SCHEMA`` table of this shard's rows, sorted by ``seq``."""
+        """A ``part_schema(embeddings)`` table of this shard's rows, sorted by ``seq``."""
         if self._tar is not None:
             kept = table.filter(
                 pc.and_(pc.equal(table.column("status"), STATUS_KEPT), pc.is_valid(table["image"]))
@@ -276,10 +320,15 @@ class ShardSink:
                     members = [(f"{stem}_{row['seq']}.{n.split('.', 1)[1]}", d) for n, d in members]
                 self._names.add(members[0][0])
                 self._tar.add_all(members)
+        if self.embeddings is not None:
+            vectors = table.filter(pc.is_valid(table["image_embedding"]))
+            self._vectors.append(vectors.select(["seq", "key", "shard", *EMBEDDING_COLUMNS]))
+            table = table.drop_columns(list(EMBEDDING_COLUMNS))
         self._tables.append(table.drop_columns(["image"]))
 
     def commit(self, total: int, fault: str | None = None, started: float | None = None) -> dict:
-        """Check the count, rename the tar, write the meta, then the Parquet (the done marker)."""
+        """Check the count, rename the tar, write the meta and the embeddings, then the Parquet
+        (the done marker)."""
         if self._tables:
             rows = pa.concat_tables(self._tables).sort_by("seq")
         else:
@@ -308,6 +357,15 @@ class ShardSink:
         write_atomic(
             f"{self.root}/{SHARD_META_DIR}/{name}.json", json.dumps(meta, indent=1).encode(), self.fs
         )
+        if self.embeddings is not None:
+            schema = embeddings_schema(self.embeddings)
+            vectors = (
+                pa.concat_tables(self._vectors).sort_by("seq").drop_columns(["seq"]).cast(schema)
+                if self._vectors
+                else schema.empty_table()
+            )
+            with atomic_open(f"{self.root}/{EMBEDDINGS_DIR}/{name}.parquet", self.fs) as f:
+                pq.write_table(vectors, f, row_group_size=ROW_GROUP_SIZE)
         with atomic_open(f"{self.root}/{SAMPLES_DIR}/{name}.parquet", self.fs) as f:
             pq.write_table(rows.drop_columns(["seq"]).cast(SAMPLES_SCHEMA), f, row_group_size=ROW_GROUP_SIZE)
         return meta
@@ -325,6 +383,7 @@ def commit_shard(
     fault: str | None = None,
     write_tar: bool = True,
     started: float | None = None,
+    embeddings: str | None = None,
 ) -> dict:
     """Merge a complete shard's parts into its final files; return the shard's meta.
 
@@ -339,11 +398,12 @@ def commit_shard(
         if meta is not None:
             _remove_parts(fs, root, shard.name)
             return meta
-    sink = ShardSink(output, shard, write_tar)
+    sink = ShardSink(output, shard, write_tar, embeddings)
+    schema = part_schema(embeddings)
     try:
         for part in sorted(parts, key=lambda p: p.rsplit("/", 1)[-1]):  # by first seq
             with fs.open(part, "rb") as f:
-                sink.add(pq.read_table(f, schema=PART_SCHEMA))
+                sink.add(pq.read_table(f, schema=schema))
     except BaseException:
         sink.abort()
         raise
@@ -400,7 +460,7 @@ def clear_leftovers(output: str) -> None:
     fs, root = output_fs(output)
     if fs.exists(f"{root}/{PARTS_DIR}"):
         fs.rm(f"{root}/{PARTS_DIR}", recursive=True)
-    for sub in (SAMPLES_DIR, SHARDS_DIR, SHARD_META_DIR):
+    for sub in (SAMPLES_DIR, SHARDS_DIR, SHARD_META_DIR, EMBEDDINGS_DIR):
         path = f"{root}/{sub}"
         if not fs.exists(path):
             continue
@@ -436,9 +496,12 @@ class ShardTracker:
     it, so the state is bounded by the shards in flight, never by the input.
     """
 
-    def __init__(self, output: str, shards: list[ShardRef], write_tars: bool = True) -> None:
+    def __init__(
+        self, output: str, shards: list[ShardRef], write_tars: bool = True, embeddings: str | None = None
+    ) -> None:
         self.output = output
         self.write_tars = write_tars
+        self.embeddings = embeddings
         self.refs = {s.name: s for s in shards}
         self.open: dict[str, _Pending] = {}
         self.committed = 0
@@ -481,6 +544,7 @@ class ShardTracker:
                 "fault": pending.fault,
                 "write_tar": self.write_tars,
                 "started": pending.started,
+                "embeddings": self.embeddings,
             },
         )
 
@@ -499,19 +563,22 @@ class RunWriter:
     the same :func:`write_part` and :func:`commit_shard` the workers run.
     """
 
-    def __init__(self, output: str, shards: list[ShardRef], write_tars: bool = True) -> None:
+    def __init__(
+        self, output: str, shards: list[ShardRef], write_tars: bool = True, embeddings: str | None = None
+    ) -> None:
         fs, root = output_fs(output)
         for sub in (SAMPLES_DIR, SHARDS_DIR, SHARD_META_DIR):
             fs.makedirs(f"{root}/{sub}", exist_ok=True)
         self.output = output
         self.write_tars = write_tars
-        self.tracker = ShardTracker(output, shards, write_tars)
+        self.embeddings = embeddings
+        self.tracker = ShardTracker(output, shards, write_tars, embeddings)
         self.finished: dict[str, dict] = {}
 
     def add_rows(self, rows: list[dict]) -> list[dict]:
         """Add rows; return the meta of every shard this completed."""
         done = []
-        for summary in write_part(rows, self.output, self.write_tars):
+        for summary in write_part(rows, self.output, self.write_tars, self.embeddings):
             job = self.tracker.add(summary)
             if job is not None:
                 meta = job.meta or commit_shard(**job.kwargs)

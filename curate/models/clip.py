@@ -12,7 +12,7 @@ from PIL import Image
 
 from curate.models import CLIP_SCORE
 from curate.models.base import LoadOptions, load_error, model_revision, move, resolve_device, resolve_dtype
-from curate.models.scorer import Scorer, Scores, split
+from curate.models.scorer import Embeddings, Scorer, Scores, split, split_rows
 
 
 def _features(out) -> torch.Tensor:
@@ -96,11 +96,19 @@ class ClipRanker(Scorer):
         return torch.cat(chunks) if chunks else torch.empty(0)
 
     def _score(self, images: list[Image.Image], texts: list[list[str]]) -> Scores:
+        return self.scores_and_embeddings(images, texts)[0]
+
+    def scores_and_embeddings(
+        self, images: list[Image.Image], texts: list[list[str]]
+    ) -> tuple[Scores, Embeddings]:
+        """Cosines and the unit image and text embeddings they came from (each image embedded once)."""
         image_feats = self.embed_images(images)
         flat = [t for ts in texts for t in ts]
         if not flat:
-            return {CLIP_SCORE: [[] for _ in texts]}
+            empty = Embeddings(image_feats.cpu().numpy(), split_rows(image_feats[:0], texts))
+            return {CLIP_SCORE: [[] for _ in texts]}, empty
         text_feats = self.embed_texts(flat)
         owner = torch.tensor([i for i, ts in enumerate(texts) for _ in ts])
         sims = (image_feats[owner] * text_feats).sum(-1).tolist()
-        return {CLIP_SCORE: split(sims, texts)}
+        embeddings = Embeddings(image_feats.cpu().numpy(), split_rows(text_feats, texts))
+        return {CLIP_SCORE: split(sims, texts)}, embeddings

@@ -10,14 +10,19 @@ Three implementations:
 - :class:`BridgeScorer`: the bootstrapped bridge filter, either score or both; asked for
   both, it encodes each image and text once for the ITM and the ITC head.
 
-:func:`load_scorer` picks one from the model directory's ``model_type``.
+:func:`load_scorer` picks one from the model directory's ``model_type``. A ranker (CLIP or the
+bridge's ITC) also hands out the unit embeddings its scores came from
+(:meth:`Scorer.scores_and_embeddings`), for heads on the image embedding and for the
+embeddings a run writes out, so no image or text is encoded twice.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -38,6 +43,25 @@ if TYPE_CHECKING:
 Scores = dict[str, list[list[float]]]
 
 
+@dataclass
+class Embeddings:
+    """Unit embeddings (float32) from a ranker's encoders: ``images`` (I, D), and per image its
+    texts' (n_i, D) in the order they were scored."""
+
+    images: np.ndarray
+    texts: list[np.ndarray]
+
+
+def split_rows(flat: torch.Tensor, texts: list[list[str]]) -> list[np.ndarray]:
+    """Rows of the flattened pairs' (N, D) tensor back into one (n_i, D) array per image."""
+    flat = flat.detach().float().cpu().numpy()
+    out, pos = [], 0
+    for ts in texts:
+        out.append(flat[pos : pos + len(ts)])
+        pos += len(ts)
+    return out
+
+
 class Scorer(ABC):
     """Loaded once for ``fields``; ``scorer(images, texts_per_image)`` -> for each field, one
     list of scores per image, in the order of its texts."""
@@ -53,6 +77,12 @@ class Scorer(ABC):
     @abstractmethod
     def _score(self, images: list[Image.Image], texts: list[list[str]]) -> Scores:
         """The scores of a non-empty batch."""
+
+    def scores_and_embeddings(
+        self, images: list[Image.Image], texts: list[list[str]]
+    ) -> tuple[Scores, Embeddings]:
+        """The scores and the unit embeddings they were computed from (rankers only)."""
+        raise TypeError(f"{type(self).__name__} gives no image and text embeddings (only a ranker does)")
 
 
 def split(flat: list[float], texts: list[list[str]]) -> list[list[float]]:
@@ -105,6 +135,20 @@ class BridgeScorer(Scorer):
         """Both scores from one encoding of each image and each text (the fused filter+ranker)."""
         itm, itc = self.model.itm_itc_scores(images, texts, batch_size=self.batch_size)
         return {ITM_SCORE: itm, CLIP_SCORE: itc}
+
+    @torch.inference_mode()
+    def scores_and_embeddings(
+        self, images: list[Image.Image], texts: list[list[str]]
+    ) -> tuple[Scores, Embeddings]:
+        """The scores asked for and the ITC embeddings (the bridge's ``clip_score`` space)."""
+        if CLIP_SCORE not in self.fields:
+            return super().scores_and_embeddings(images, texts)
+        itm = ITM_SCORE in self.fields
+        itm_s, itc_s, image_feat, text_feat = self.model.scores_and_features(
+            images, texts, batch_size=self.batch_size, itm=itm
+        )
+        scores = {ITM_SCORE: itm_s, CLIP_SCORE: itc_s} if itm else {CLIP_SCORE: itc_s}
+        return scores, Embeddings(image_feat.float().numpy(), split_rows(text_feat, texts))
 
 
 def open_scorer(

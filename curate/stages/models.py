@@ -14,6 +14,7 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 
 from curate.config import CaptionerConfig, FilterConfig, RankerConfig
@@ -115,29 +116,55 @@ class CaptionStage(_ModelStage):
 
 
 class _ScoreStage(_ModelStage):
-    """Fills the candidate ``fields`` its scorer gives, for every candidate of a sample."""
+    """Fills the candidate ``fields`` its scorer gives, for every candidate of a sample.
+
+    A ranker's stage (``clip_score``) with ``write_embeddings`` also leaves the unit image
+    embedding in the row and each candidate's text embedding in the candidate (float32 bytes),
+    from the same encoding that scored them, for the writer."""
 
     fields: tuple[str, ...] = ()
 
-    def __init__(self, cfg: FilterConfig | RankerConfig, error_policy: str = "capture") -> None:
+    def __init__(
+        self,
+        cfg: FilterConfig | RankerConfig,
+        error_policy: str = "capture",
+        write_embeddings: bool = False,
+    ) -> None:
         super().__init__(error_policy, cfg.resources.num_threads)
         from curate.models.scorer import load_scorer
 
         _quiet_transformers()
+        if write_embeddings and CLIP_SCORE not in self.fields:
+            raise ValueError(f"{self.name}: only a ranker's stage gives embeddings")
         self.batch_size = cfg.resources.batch_size
+        self.write_embeddings = write_embeddings
         self.model = load_scorer(cfg, self.fields)
 
     def process(self, rows: list[dict]) -> None:
         for start in range(0, len(rows), self.batch_size):
             chunk = rows[start : start + self.batch_size]
             cands = [get_candidates(r) for r in chunk]
-            scores = self.model([row_image(r) for r in chunk], [[c["text"] for c in cs] for cs in cands])
+            images = [row_image(r) for r in chunk]
+            texts = [[c["text"] for c in cs] for cs in cands]
+            if self.write_embeddings:
+                scores, embeddings = self.model.scores_and_embeddings(images, texts)
+            else:
+                scores, embeddings = self.model(images, texts), None
             for field, per_image in scores.items():
                 for cs, ss in zip(cands, per_image):
                     for c, s in zip(cs, ss):
                         c[field] = float(s)
+            if embeddings is not None:
+                self._keep_embeddings(chunk, cands, embeddings)
             for row, cs in zip(chunk, cands):
                 set_candidates(row, cs)
+
+    @staticmethod
+    def _keep_embeddings(rows: list[dict], cands: list[list[dict]], embeddings) -> None:
+        for i, (row, cs) in enumerate(zip(rows, cands)):
+            row["image_embedding"] = np.ascontiguousarray(embeddings.images[i], np.float32).tobytes()
+            for c, vector in zip(cs, embeddings.texts[i]):
+                c["text_embedding"] = np.ascontiguousarray(vector, np.float32).tobytes()
 
 
 class FilterStage(_ScoreStage):

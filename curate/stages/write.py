@@ -19,10 +19,17 @@ from curate.stages.policy import apply_policy_rows
 from curate.stages.rows import shard_refs_of, to_rows
 
 
-def finish_block(batch: pa.Table, policy: PolicyConfig, output: str, write_tars: bool = True) -> pa.Table:
-    """Ray Data entry point: decide each sample, write the block, return its per-shard summary."""
+def finish_block(
+    batch: pa.Table,
+    policy: PolicyConfig,
+    output: str,
+    write_tars: bool = True,
+    embeddings: str | None = None,
+) -> pa.Table:
+    """Ray Data entry point: decide each sample, write the block (with its embeddings of dtype
+    ``embeddings``, when the run writes them), return its per-shard summary."""
     rows = apply_policy_rows(to_rows(batch), policy, keep_images=write_tars)
-    summaries = write_part(rows, output, write_tars)
+    summaries = write_part(rows, output, write_tars, embeddings)
     del rows
     release_free_memory()
     return pa.Table.from_pylist(summaries, schema=SUMMARY_SCHEMA)

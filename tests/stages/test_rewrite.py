@@ -465,7 +465,15 @@ def test_stage_adds_a_kale_candidate_and_skips_what_it_cannot_rewrite(lms):
     ]
     kale = [c for c in get_candidates(out[0]) if c["source"] == SOURCE_KALE]
     assert kale == [
-        {"text": "cat", "source": SOURCE_KALE, "itm_score": None, "clip_score": None, "kept": None}
+        {
+            "text": "cat",
+            "source": SOURCE_KALE,
+            "itm_score": None,
+            "clip_score": None,
+            "kept": None,
+            "rule": None,
+            "text_embedding": None,
+        }
     ]
     assert [c["source"] for c in get_candidates(out[1])] == [SOURCE_SYNTHETIC]
 

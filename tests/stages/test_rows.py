@@ -39,8 +39,10 @@ def test_candidates_column_is_a_list_of_structs_and_round_trips():
     table = to_table([_row(candidates)])
     assert table.schema.field("candidates").type == pa.list_(INTERNAL_CANDIDATE_TYPE)
     (back,) = to_rows(table)
-    # every field, scores to the last bit; kept is null until the policy decides
-    assert get_candidates(back) == [{**c, "kept": None} for c in candidates]
+    # every field, scores to the last bit; kept is null until the policy decides, rule and
+    # text_embedding unless a rule or a ranker writing embeddings set them
+    unset = {"kept": None, "rule": None, "text_embedding": None}
+    assert get_candidates(back) == [{**c, **unset} for c in candidates]
 
 
 def test_policy_sees_the_scores_the_models_gave_not_the_outputs_float32():

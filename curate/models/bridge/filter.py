@@ -380,6 +380,19 @@ class BridgeFilterModel(PreTrainedModel):
         """``itm_scores`` and ``itc_scores`` in one pass: each image and each text encoded once."""
         return self._pair_scores(images, texts_per_image, batch_size, itm=True, itc=True)
 
+    @torch.inference_mode()
+    def scores_and_features(
+        self,
+        images: list[Image.Image],
+        texts_per_image: list[list[str]],
+        batch_size: int = 64,
+        itm: bool = True,
+    ) -> tuple[list[list[float]], list[list[float]], torch.Tensor, torch.Tensor]:
+        """ITM (when ``itm``) and ITC scores with the unit ITC embeddings they came from: the
+        images' (I, proj_dim) and every text's (N, proj_dim, in ``texts_per_image``'s order), for
+        heads on the image embedding and for the embeddings a run writes out."""
+        return self._pair_scores(images, texts_per_image, batch_size, itm=itm, itc=True, features=True)
+
     def _pair_scores(
         self,
         images: list[Image.Image],
@@ -387,14 +400,17 @@ class BridgeFilterModel(PreTrainedModel):
         batch_size: int,
         itm: bool,
         itc: bool,
-    ) -> tuple[list[list[float]], list[list[float]]]:
+        features: bool = False,
+    ) -> tuple:
         """The asked-for heads' scores of every (image, text) pair, in ``texts_per_image``'s
-        order; a head not asked for gives empty lists."""
+        order; a head not asked for gives empty lists. ``features`` adds the ITC embeddings."""
+        total = sum(map(len, texts_per_image))
+        dim = self.config.proj_dim
         if not images:
-            return [], []
+            return ([], [], torch.zeros(0, dim), torch.zeros(0, dim)) if features else ([], [])
         image_tokens = self.encode_images(images)
         image_feat = self.image_itc(image_tokens).float() if itc else None
-        total = sum(map(len, texts_per_image))
+        text_feats = torch.zeros(total, dim, device=self._device) if features else None
         itm_flat, itc_flat = [0.0] * total, [0.0] * total
         for positions, image_index, texts in _pair_chunks(texts_per_image, batch_size):
             states, mask, pooled = self.encode_texts(texts)
@@ -405,10 +421,13 @@ class BridgeFilterModel(PreTrainedModel):
             if itc:
                 text_feat = self.text_itc(pooled).float()
                 _place(itc_flat, positions, (image_feat.index_select(0, idx) * text_feat).sum(-1).tolist())
-        return (
+                if text_feats is not None:
+                    text_feats[torch.tensor(positions, device=self._device)] = text_feat
+        scores = (
             _split(itm_flat, texts_per_image) if itm else [],
             _split(itc_flat, texts_per_image) if itc else [],
         )
+        return (*scores, image_feat.cpu(), text_feats.cpu()) if features else scores
 
 
 def register() -> None:
