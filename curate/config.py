@@ -437,10 +437,11 @@ class RulesConfig:
 
 @dataclass
 class AestheticConfig:
-    """An aesthetic score from a head on the ranker's unit image embeddings (LAION's predictor: linear
-    layers over CLIP ViT-L/14, e.g. ``ttj/sac-logos-ava1-l14-linearMSE``). It runs inside the ranker's
-    actor, so no image is encoded twice; ``aesthetic_score`` is written for every sample the ranker
-    scores and a sample below ``min_score`` is dropped (``aesthetic_below_threshold``)."""
+    """An aesthetic score from a head on the ranker's unit image embeddings (LAION's predictor:
+    linear layers over CLIP ViT-L/14, ``sac+logos+ava1-l14-linearMSE``, as safetensors in
+    ``ttj/sac-logos-ava1-l14-linearMSE``, the copy NeMo Curator loads; docs/rules.md). It runs inside the
+    ranker's actor, so no image is encoded twice; ``aesthetic_score`` is written for every sample
+    the ranker scores and a sample below ``min_score`` is dropped (``aesthetic_below_threshold``)."""
 
     model: str = ""  # Hugging Face id, a local directory, or a local .safetensors file
     revision: str | None = None
@@ -455,13 +456,16 @@ class AestheticConfig:
             raise ConfigError(f"{prefix}.model: a Hugging Face id, a local directory or a .safetensors file")
         if not self.filename:
             raise ConfigError(f"{prefix}.filename: must name the weights file")
+        if self.activation not in ("none", "relu"):
+            raise ConfigError(f"{prefix}.activation: 'none' or 'relu', got {self.activation!r}")
 
 
 @dataclass
 class ImageClassifierConfig(ModelConfig):
     """A transformers image classifier (``AutoModelForImageClassification``, e.g. a ViT) in its own
     actor pool, run right after decode so a sample it drops skips the captioner and the scorers.
-    The score is the probability of ``label`` (a name in the model's ``id2label``, or its index)."""
+    The score is the probability of ``label`` (a name in the model's ``id2label``, or its index); a
+    sample scoring above ``max_score`` is dropped with the section's reason."""
 
     label: int | str = ""
     max_score: float | None = None  # drop a sample whose score is above this; null: score only
@@ -475,11 +479,22 @@ class ImageClassifierConfig(ModelConfig):
             raise ConfigError(f"{prefix}.label: a class index must be >= 0, got {self.label}")
         if self.max_score is not None and not 0.0 <= self.max_score <= 1.0:
             raise ConfigError(f"{prefix}.max_score: must be in [0, 1], got {self.max_score}")
+        config = Path(self.model) / "config.json"
+        if config.is_file():  # a local model: its classes are known before any work starts
+            import json
+
+            from curate.models import resolve_label
+
+            try:
+                resolve_label(json.loads(config.read_text()).get("id2label") or {}, self.label)
+            except (ValueError, OSError) as exc:
+                raise ConfigError(f"{prefix}.label: {exc}") from None
 
 
 @dataclass
 class NsfwConfig(ImageClassifierConfig):
-    """NSFW probability (``nsfw_score``), e.g. ``Falconsai/nsfw_image_detection`` (labels normal, nsfw)."""
+    """NSFW probability (``nsfw_score``), e.g. ``Falconsai/nsfw_image_detection`` (labels normal, nsfw);
+    above ``max_score`` the sample is dropped with reason ``nsfw_above_threshold``."""
 
     label: int | str = "nsfw"
 
@@ -487,7 +502,8 @@ class NsfwConfig(ImageClassifierConfig):
 @dataclass
 class WatermarkConfig(ImageClassifierConfig):
     """Watermark probability (``watermark_score``), e.g. ``amrul-hzz/watermark_detector`` with
-    ``label: 1`` (the class data-juicer's watermark filter reads)."""
+    ``label: 1`` (the class data-juicer's watermark filter reads); above ``max_score`` the sample is
+    dropped with reason ``watermark_above_threshold``."""
 
     label: int | str = "watermark"
 

@@ -155,7 +155,15 @@ def build_dataset(cfg: PipelineConfig, shards: list[ShardRef], output: str):
     import ray.data
 
     # the model stages import torch; the driver and the CPU tasks never need it
-    from curate.stages.models import CaptionStage, FilterStage, RankStage, ScoreStage, fused_scoring
+    from curate.stages.models import (
+        CaptionStage,
+        FilterStage,
+        NsfwStage,
+        RankStage,
+        ScoreStage,
+        WatermarkStage,
+        fused_scoring,
+    )
     from curate.stages.rewrite import RewriteStage
 
     ds = ray.data.from_items(
@@ -205,13 +213,18 @@ def build_dataset(cfg: PipelineConfig, shards: list[ShardRef], output: str):
         memory=decode.memory_mb * 2**20,
     )
     rows, errors, seed = read.batch_size, cfg.error_policy, cfg.seed
+    # image classifiers first: a sample they drop never reaches the captioner or the scorers
+    if cfg.nsfw is not None:
+        ds = _map_actor(ds, NsfwStage, cfg.nsfw, rows, error_policy=errors)
+    if cfg.watermark is not None:
+        ds = _map_actor(ds, WatermarkStage, cfg.watermark, rows, error_policy=errors)
     if cfg.captioner is not None:
         ds = _map_actor(ds, CaptionStage, cfg.captioner, rows, seed=seed, error_policy=errors)
     if cfg.rewriter is not None:
         ds = _map_actor(ds, RewriteStage, cfg.rewriter, rows, seed=seed, error_policy=errors)
     fused = fused_scoring(cfg.filter, cfg.ranker)
     # the ranker's encoders give the embeddings a run writes out (and the aesthetic head reads)
-    ranked = {"write_embeddings": cfg.output.write_embeddings}
+    ranked = {"write_embeddings": cfg.output.write_embeddings, "aesthetic": cfg.aesthetic}
     if fused:  # one bridge filter, both heads: each image and text encoded once
         ds = _map_actor(ds, ScoreStage, cfg.filter, rows, error_policy=errors, **ranked)
     elif cfg.filter is not None:
@@ -337,6 +350,11 @@ def describe_models(cfg: PipelineConfig) -> dict[str, dict]:
             except Exception as exc:  # recorded, not fatal: actors will report a real load error
                 info["resolved_revision"] = None
                 info["lookup_error"] = str(exc)[:200]
+        out[name] = info
+    for name, head in cfg.heads().items():  # weights run inside another stage's actor
+        info = {"model": head.model, "revision": head.revision, "filename": head.filename}
+        if os.path.exists(head.model):
+            info["path"] = os.path.abspath(head.model)
         out[name] = info
     return out
 

@@ -45,9 +45,15 @@ def stage_lines(cfg: PipelineConfig) -> list[tuple[str, str]]:
         (
             "decode",
             f"CPU tasks ({task.num_cpus:g} CPU, {task.memory_mb} MB), {at_once(task.concurrency)}; "
-            f"max_side {decode.max_side}",
+            f"max_side {decode.max_side}" + ("; rules before any model" if cfg.rules is not None else ""),
         ),
     ]
+    for name, section in (("nsfw", cfg.nsfw), ("watermark", cfg.watermark)):
+        if section is not None:
+            limit = f"drops above {section.max_score:g}" if section.max_score is not None else "score only"
+            lines.append(
+                (f"{name} (image classifier)", f"{_actor(section)}; label {section.label!r}, {limit}")
+            )
     if cfg.captioner is not None:
         c = cfg.captioner
         lines.append(
@@ -65,6 +71,17 @@ def stage_lines(cfg: PipelineConfig) -> list[tuple[str, str]]:
             lines.append(("filter (ITM)", _actor(cfg.filter)))
         if cfg.ranker is not None:
             lines.append(("ranker (CLIP)", _actor(cfg.ranker)))
+    extras = [
+        text
+        for text, on in (
+            ("the aesthetic head on its image embeddings", cfg.aesthetic is not None),
+            (f"{cfg.output.embedding_dtype} embeddings out", cfg.output.write_embeddings),
+        )
+        if on
+    ]
+    if extras and lines[-1][0].startswith(("ranker", "filter + ranker")):
+        stage, how = lines[-1]
+        lines[-1] = (stage, f"{how}; with {' and '.join(extras)}")
     p = cfg.policy
     rules = {k: v for k, v in (("itm_threshold", p.itm_threshold), ("top_k", p.top_k)) if v is not None}
     if p.min_clip_score is not None:

@@ -9,6 +9,7 @@ where the checkpoints cannot be downloaded.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -190,3 +191,48 @@ def build_all(directory: str | Path, seed: int = 0, shapes: Shapes = TINY) -> di
         "itm": build_blip_itm(directory / "itm", seed + 1, shapes),
         "clip": build_clip(directory / "clip", seed + 2, shapes),
     }
+
+
+def build_image_classifier(
+    directory: str | Path, labels: list[str], seed: int = 0, image_size: int = 32
+) -> Path:
+    """A tiny random ViT image classifier (``AutoModelForImageClassification``) with ``labels``, the
+    kind the nsfw and watermark stages load (the real ones, a ViT-base, cannot be downloaded here)."""
+    import torch
+    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessorPil
+
+    directory = Path(directory)
+    torch.manual_seed(seed)
+    config = ViTConfig(
+        **transformer(32, 64, 2, 2),
+        image_size=image_size,
+        patch_size=8,
+        id2label=dict(enumerate(labels)),
+        label2id={name: i for i, name in enumerate(labels)},
+    )
+    ViTForImageClassification(config).save_pretrained(directory, safe_serialization=True)
+    size = {"height": image_size, "width": image_size}
+    ViTImageProcessorPil(size=size).save_pretrained(directory)
+    return directory
+
+
+def build_aesthetic_head(
+    path: str | Path, dim: int, hidden: tuple[int, ...] = (16, 8), seed: int = 0
+) -> Path:
+    """Random weights in the layout of LAION's improved aesthetic predictor (``layers.N`` linear
+    layers, Dropouts between them), ``dim`` -> ``hidden`` -> 1, as a safetensors file."""
+    import torch
+    from safetensors.torch import save_file
+
+    torch.manual_seed(seed)
+    sizes = [dim, *hidden, 1]
+    state, index = {}, 0
+    for n_in, n_out in itertools.pairwise(sizes):
+        layer = torch.nn.Linear(n_in, n_out)
+        state[f"layers.{index}.weight"] = layer.weight.detach().contiguous()
+        state[f"layers.{index}.bias"] = layer.bias.detach().contiguous()
+        index += 2  # a Dropout between each pair, as in LAION's nn.Sequential
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(path))
+    return path

@@ -68,6 +68,7 @@ class ClipRanker(Scorer):
         except Exception as exc:
             raise load_error("CLIP ranker", load, exc) from exc
         self.model = move(model, self.device, self.dtype)
+        self.embedding_dim = getattr(self.model.config, "projection_dim", None)
         self.revision = model_revision(self.model)
         cfg = getattr(self.model.config, "text_config", self.model.config)
         self.max_text_tokens = int(getattr(cfg, "max_position_embeddings", 77))

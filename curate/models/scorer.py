@@ -68,6 +68,7 @@ class Scorer(ABC):
 
     fields: tuple[str, ...]
     revision: str | None
+    embedding_dim: int | None = None  # of the unit embeddings a ranker gives, where known
 
     def __call__(self, images: list[Image.Image], texts: list[list[str]]) -> Scores:
         if not images:
@@ -120,6 +121,7 @@ class BridgeScorer(Scorer):
         except Exception as exc:
             raise load_error("bridge filter", load, exc) from exc
         self.model = move(model, self.device, self.dtype)
+        self.embedding_dim = int(model.config.proj_dim)
         self.revision = model_revision(self.model)
 
     @torch.inference_mode()

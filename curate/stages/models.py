@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from curate.config import CaptionerConfig, FilterConfig, RankerConfig
+from curate.config import AestheticConfig, CaptionerConfig, FilterConfig, ImageClassifierConfig, RankerConfig
 from curate.models import BRIDGE_FILTER_TYPE, CLIP_SCORE, ITM_SCORE
-from curate.schema import SOURCE_SYNTHETIC
+from curate.schema import SOURCE_SYNTHETIC, STATUS_DROPPED
 from curate.stages.decode import row_image
 from curate.stages.memory import release_free_memory
 from curate.stages.rows import fail, get_candidates, is_pending, set_candidates, to_rows, to_table
@@ -120,7 +120,8 @@ class _ScoreStage(_ModelStage):
 
     A ranker's stage (``clip_score``) with ``write_embeddings`` also leaves the unit image
     embedding in the row and each candidate's text embedding in the candidate (float32 bytes),
-    from the same encoding that scored them, for the writer."""
+    from the same encoding that scored them, for the writer; with ``aesthetic``, the head scores
+    that image embedding (``aesthetic_score``) and drops a sample below its ``min_score``."""
 
     fields: tuple[str, ...] = ()
 
@@ -129,16 +130,29 @@ class _ScoreStage(_ModelStage):
         cfg: FilterConfig | RankerConfig,
         error_policy: str = "capture",
         write_embeddings: bool = False,
+        aesthetic: AestheticConfig | None = None,
     ) -> None:
         super().__init__(error_policy, cfg.resources.num_threads)
         from curate.models.scorer import load_scorer
 
         _quiet_transformers()
-        if write_embeddings and CLIP_SCORE not in self.fields:
-            raise ValueError(f"{self.name}: only a ranker's stage gives embeddings")
+        if (write_embeddings or aesthetic is not None) and CLIP_SCORE not in self.fields:
+            raise ValueError(f"{self.name}: only a ranker's stage gives image embeddings")
         self.batch_size = cfg.resources.batch_size
         self.write_embeddings = write_embeddings
         self.model = load_scorer(cfg, self.fields)
+        self.aesthetic = None
+        if aesthetic is not None:
+            from curate.models.aesthetic import AestheticHead
+
+            self.aesthetic = AestheticHead(aesthetic, getattr(self.model, "device", "cpu"))
+            self.min_aesthetic = aesthetic.min_score
+            dim = self.model.embedding_dim
+            if dim is not None and dim != self.aesthetic.input_dim:
+                raise ValueError(
+                    f"aesthetic: the head {aesthetic.model!r} takes {self.aesthetic.input_dim}-d image "
+                    f"embeddings, the ranker {cfg.model!r} gives {dim}-d ones"
+                )
 
     def process(self, rows: list[dict]) -> None:
         for start in range(0, len(rows), self.batch_size):
@@ -146,7 +160,7 @@ class _ScoreStage(_ModelStage):
             cands = [get_candidates(r) for r in chunk]
             images = [row_image(r) for r in chunk]
             texts = [[c["text"] for c in cs] for cs in cands]
-            if self.write_embeddings:
+            if self.write_embeddings or self.aesthetic is not None:
                 scores, embeddings = self.model.scores_and_embeddings(images, texts)
             else:
                 scores, embeddings = self.model(images, texts), None
@@ -154,10 +168,19 @@ class _ScoreStage(_ModelStage):
                 for cs, ss in zip(cands, per_image):
                     for c, s in zip(cs, ss):
                         c[field] = float(s)
-            if embeddings is not None:
+            if self.write_embeddings:
                 self._keep_embeddings(chunk, cands, embeddings)
+            if self.aesthetic is not None:
+                self._aesthetic(chunk, embeddings)
             for row, cs in zip(chunk, cands):
                 set_candidates(row, cs)
+
+    def _aesthetic(self, rows: list[dict], embeddings) -> None:
+        for row, score in zip(rows, self.aesthetic(embeddings.images)):
+            row["aesthetic_score"] = float(score)
+            if self.min_aesthetic is not None and score < self.min_aesthetic:
+                row["status"] = STATUS_DROPPED
+                row["reason"] = AESTHETIC_BELOW_THRESHOLD
 
     @staticmethod
     def _keep_embeddings(rows: list[dict], cands: list[list[dict]], embeddings) -> None:
@@ -165,6 +188,50 @@ class _ScoreStage(_ModelStage):
             row["image_embedding"] = np.ascontiguousarray(embeddings.images[i], np.float32).tobytes()
             for c, vector in zip(cs, embeddings.texts[i]):
                 c["text_embedding"] = np.ascontiguousarray(vector, np.float32).tobytes()
+
+
+AESTHETIC_BELOW_THRESHOLD = "aesthetic_below_threshold"
+
+
+class ClassifierStage(_ModelStage):
+    """An image classifier's probability of one class in the row's ``field``, right after decode:
+    a sample above ``max_score`` is dropped with ``reason`` before any other model sees it."""
+
+    field = ""
+    reason = ""
+
+    def __init__(self, cfg: ImageClassifierConfig, error_policy: str = "capture") -> None:
+        super().__init__(error_policy, cfg.resources.num_threads)
+        from curate.models.base import LoadOptions
+        from curate.models.classifier import ImageClassifier
+
+        _quiet_transformers()
+        res = cfg.resources
+        self.max_score = cfg.max_score
+        self.model = ImageClassifier(
+            LoadOptions.of(cfg), cfg.label, device=res.device, dtype=cfg.dtype, batch_size=res.batch_size
+        )
+
+    def process(self, rows: list[dict]) -> None:
+        for row, score in zip(rows, self.model([row_image(r) for r in rows])):
+            row[self.field] = float(score)
+            if self.max_score is not None and score > self.max_score:
+                row["status"] = STATUS_DROPPED
+                row["reason"] = self.reason
+                row["pixels"] = None
+                row["image"] = None
+
+
+class NsfwStage(ClassifierStage):
+    name = "nsfw"
+    field = "nsfw_score"
+    reason = "nsfw_above_threshold"
+
+
+class WatermarkStage(ClassifierStage):
+    name = "watermark"
+    field = "watermark_score"
+    reason = "watermark_above_threshold"
 
 
 class FilterStage(_ScoreStage):
