@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 
 from curate.config import AestheticConfig, pipeline_from_dict
+from curate.explore.stats import compute_stats
 from curate.io.reader import shard_refs
 from curate.models.aesthetic import AestheticHead
 from curate.models.base import LoadOptions
@@ -100,6 +101,17 @@ def test_classifiers_and_aesthetic_drop_by_their_thresholds(ray_local, tiny_mode
         else:
             assert r["status"] == "kept" and r["caption"] == f"alt text {i}"
     assert sorted(Counter(reasons.values()).values()) == [2, 2, 2, N - 6]
+
+    # curate stats: each filter's drops and its scores' histogram, over the samples it scored
+    scores = compute_stats(out)["quality"]["scores"]
+    for column, reason, threshold, scored in (
+        ("nsfw_score", "nsfw_above_threshold", max_nsfw, N),
+        ("watermark_score", "watermark_above_threshold", max_mark, N - 2),
+        ("aesthetic_score", "aesthetic_below_threshold", min_aes, N - 4),
+    ):
+        info = scores[column]
+        assert (info["reason"], info["dropped"], info["count"]) == (reason, 2, scored)
+        assert info["threshold"] == pytest.approx(threshold) and sum(info["histogram"]["counts"]) == scored
 
     models = json.loads((out / "manifest.json").read_text())["models"]
     assert set(models) == {"nsfw", "watermark", "ranker", "aesthetic"}

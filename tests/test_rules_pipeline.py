@@ -9,6 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from curate.config import load_pipeline, pipeline_from_dict
+from curate.explore.stats import compute_stats
 from curate.io.reader import shard_refs
 from curate.pipeline import OutputConflictError, config_fingerprint, run_pipeline
 from curate.schema import SAMPLES_SCHEMA
@@ -110,6 +111,16 @@ def test_rules_in_a_model_run(ray_local, tiny_models, shard, tmp_path):
     assert it["captions"] and all(c["source"] == "synthetic" for c in it["candidates"] if c["kept"])
     assert rows["none"]["alt_text_language"] is None and rows["none"]["status"] == "kept"
     assert all(c["rule"] is None for c in rows["none"]["candidates"])
+
+    quality = compute_stats(out)["quality"]
+    assert quality["rules"] == {
+        "image_too_small": {"kind": "image", "dropped": 1, "flagged": None},
+        "aspect_ratio": {"kind": "image", "dropped": 1, "flagged": None},
+        "too_few_pixels": {"kind": "image", "dropped": 1, "flagged": None},
+        "alt_text_language": {"kind": "alt_text", "dropped": 0, "flagged": 1},
+    }
+    assert quality["languages"] == {"en": 4, "it": 1}
+    assert quality["scores"]["alt_text_language_score"]["threshold"] == 0.5
 
     # the rules are part of what a run writes: resuming is a no-op, other rules are refused
     assert run_pipeline(cfg, shards, str(out)).nothing_to_do

@@ -141,3 +141,43 @@ def length_chart(con: duckdb.DuckDBPyConnection) -> str | None:
     ax.tick_params(labelsize=8)
     ax.legend(fontsize=8, frameon=False)
     return _png_uri(fig)
+
+
+def quality_histogram(con: duckdb.DuckDBPyConnection, column: str, info: dict[str, Any]) -> str | None:
+    """One rule's or filter's score (``curate.explore.quality``), kept vs not kept samples stacked
+    over the histogram's bins, its threshold drawn."""
+    data: tuple[list[float], list[float]] = ([], [])
+    for value, kept in con.sql(
+        f"SELECT {column}::DOUBLE, status = '{STATUS_KEPT}' FROM samples "
+        f"WHERE {column} IS NOT NULL AND isfinite({column})"
+    ).fetchall():
+        data[0 if kept else 1].append(value)
+    if not data[0] and not data[1]:
+        return None
+    edges = info["histogram"]["edges"]
+    fig = _figure(5.0, 2.4)
+    ax = fig.subplots()
+    ax.hist(
+        [data[0], data[1]],
+        bins=edges,
+        stacked=True,
+        histtype="stepfilled",
+        color=[_STATUS_COLORS[STATUS_KEPT], "#c8c8c8"],
+        label=["kept", "not kept"],
+    )
+    if info.get("threshold") is not None:
+        ax.axvline(
+            info["threshold"],
+            color="#c23b3b",
+            linestyle="--",
+            linewidth=1.5,
+            label=f"{info['bound']} {info['threshold']:g}",
+        )
+    from matplotlib.ticker import MaxNLocator
+
+    ax.set_xlabel(column, fontsize=9)
+    ax.set_ylabel("samples", fontsize=9)
+    ax.tick_params(labelsize=8)
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.legend(fontsize=8, frameon=False, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    return _png_uri(fig)

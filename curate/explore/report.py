@@ -14,7 +14,8 @@ from typing import Any
 import duckdb
 
 from curate.dedup.phash import hamming
-from curate.explore.plots import length_chart, outcome_chart, score_histogram
+from curate.explore.plots import length_chart, outcome_chart, quality_histogram, score_histogram
+from curate.explore.quality import RULE_HEADERS, SCORE_HEADERS, rule_rows, score_rows
 from curate.explore.stats import DUPLICATE_HEADERS, SHARD_HEADERS, compute_stats, duplicate_rows, shard_rows
 from curate.explore.tables import fmt_num, fmt_pct
 from curate.explore.thumbnails import Thumbnail, load_thumbnails
@@ -336,6 +337,25 @@ def _duplicates(
     return "".join(parts)
 
 
+def _quality(con: duckdb.DuckDBPyConnection, quality: dict[str, Any]) -> str:
+    """What each rule and filter dropped or flagged, and each score's histogram."""
+    rows = rule_rows(quality)
+    if not rows and not quality["scores"]:
+        return '<p class="empty">no rules or model filters in this run</p>'
+    body = _table(RULE_HEADERS, rows, [False, False, True, True]) if rows else ""
+    if quality["scores"]:
+        body += _table(SCORE_HEADERS, score_rows(quality), [False, False] + [True] * 7)
+        for column, info in quality["scores"].items():
+            body += f"<h3>{_e(column)}</h3>" + _img(
+                quality_histogram(con, column, info), f"{column} histogram"
+            )
+    if quality["languages"]:
+        body += "<h3>alt-text languages</h3>" + _table(
+            ["language", "alt-texts"], quality["languages"].items(), [False, True]
+        )
+    return body
+
+
 def _run_sections(
     run: RunOutput, stats: dict[str, Any], *, max_samples: int, thumb_size: int
 ) -> dict[str, str]:
@@ -365,6 +385,7 @@ def _run_sections(
                 ["first line of the error", "samples"], stats["errors"].items(), [False, True]
             )
         sections["outcomes"] = outcome
+        sections["quality"] = _quality(con, stats["quality"])
         sections["lengths"] = _img(length_chart(con), "caption length histogram")
         for grid_id, _title, where in GRIDS:
             sections[grid_id] = _grid(run, con, where, max_samples, thumb_size)
@@ -381,6 +402,7 @@ _SECTION_TITLES = {
     "summary": "Run",
     "outcomes": "Keep / drop reasons",
     "scores": "Scores per source (dashed line: policy threshold)",
+    "quality": "Rules and filters: drops and score histograms (dashed line: threshold)",
     "lengths": "Caption length",
     **{grid_id: title for grid_id, title, _ in GRIDS},
     "duplicates": "Duplicate groups (curate dedup): each duplicate beside its group's representative",

@@ -1,5 +1,6 @@
 """Summary statistics of a run: counts and drop reasons, score quantiles per source,
-caption lengths, per-shard figures and throughput, as a dict and as terminal text."""
+caption lengths, what each rule and filter dropped with its score histograms, per-shard
+figures and throughput, as a dict and as terminal text."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Any
 import duckdb
 
 from curate.dedup.results import files_fingerprint
+from curate.explore.quality import format_quality, quality_stats
 from curate.explore.tables import fmt_num, fmt_pct, terminal_safe, text_table
 from curate.explore.views import (
     SCORE_COLUMNS,
@@ -148,6 +150,7 @@ def compute_stats(out: str | os.PathLike[str] | RunOutput) -> dict[str, Any]:
             sources[name] = entry
 
         duplicates = duplicate_stats(con, run)
+        quality = quality_stats(con, run)
         lengths: dict[str, Any] = {
             "best": _length_stats(con, "SELECT caption AS t FROM samples WHERE caption IS NOT NULL"),
             "by_source": {
@@ -211,6 +214,7 @@ def compute_stats(out: str | os.PathLike[str] | RunOutput) -> dict[str, Any]:
         "sources": sources,
         "caption_length": lengths,
         "duplicates": duplicates,
+        "quality": quality,
         "throughput": throughput,
         "policy": run.policy or None,
         "models": manifest.get("models") or {},
@@ -394,6 +398,8 @@ def format_stats(stats: dict[str, Any], *, max_shards: int = 30) -> str:
                     right=[False, False] + [True] * 9,
                 )
             )
+
+    lines += format_quality(stats["quality"])
 
     length_rows = []
     lengths = stats["caption_length"]

@@ -17,6 +17,11 @@ BRIDGE_CAPTIONER_TYPE = "curate-bridge-captioner"
 ITM_SCORE = "itm_score"
 CLIP_SCORE = "clip_score"
 
+# the drop reasons of the model filters (docs/rules.md), named for the filter and its bound
+NSFW_ABOVE_THRESHOLD = "nsfw_above_threshold"
+WATERMARK_ABOVE_THRESHOLD = "watermark_above_threshold"
+AESTHETIC_BELOW_THRESHOLD = "aesthetic_below_threshold"
+
 
 def resolve_label(id2label: dict[int, str], label: int | str) -> int:
     """The class index ``label`` names; ValueError listing the model's labels when none matches."""

@@ -18,7 +18,14 @@ import numpy as np
 import pyarrow as pa
 
 from curate.config import AestheticConfig, CaptionerConfig, FilterConfig, ImageClassifierConfig, RankerConfig
-from curate.models import BRIDGE_FILTER_TYPE, CLIP_SCORE, ITM_SCORE
+from curate.models import (
+    AESTHETIC_BELOW_THRESHOLD,
+    BRIDGE_FILTER_TYPE,
+    CLIP_SCORE,
+    ITM_SCORE,
+    NSFW_ABOVE_THRESHOLD,
+    WATERMARK_ABOVE_THRESHOLD,
+)
 from curate.schema import SOURCE_SYNTHETIC, STATUS_DROPPED
 from curate.stages.decode import row_image
 from curate.stages.memory import release_free_memory
@@ -190,9 +197,6 @@ class _ScoreStage(_ModelStage):
                 c["text_embedding"] = np.ascontiguousarray(vector, np.float32).tobytes()
 
 
-AESTHETIC_BELOW_THRESHOLD = "aesthetic_below_threshold"
-
-
 class ClassifierStage(_ModelStage):
     """An image classifier's probability of one class in the row's ``field``, right after decode:
     a sample above ``max_score`` is dropped with ``reason`` before any other model sees it."""
@@ -225,13 +229,13 @@ class ClassifierStage(_ModelStage):
 class NsfwStage(ClassifierStage):
     name = "nsfw"
     field = "nsfw_score"
-    reason = "nsfw_above_threshold"
+    reason = NSFW_ABOVE_THRESHOLD
 
 
 class WatermarkStage(ClassifierStage):
     name = "watermark"
     field = "watermark_score"
-    reason = "watermark_above_threshold"
+    reason = WATERMARK_ABOVE_THRESHOLD
 
 
 class FilterStage(_ScoreStage):
