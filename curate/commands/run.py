@@ -78,7 +78,7 @@ def resolve_local_models(cfg, pipeline_path: str, overridden: frozenset[str] = f
 
     here = os.getcwd()
     beside = os.path.dirname(os.path.abspath(pipeline_path))
-    for name, m in cfg.models().items():
+    for name, m in {**cfg.models(), **cfg.heads()}.items():  # heads: weights inside another actor
         value = m.model
         if value.startswith(PACKAGED_PREFIX):
             continue

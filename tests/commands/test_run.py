@@ -64,6 +64,18 @@ def test_a_pipeline_file_with_paths_relative_to_the_working_directory_still_work
     assert cfg.filter.model == str(tmp_path / "work" / "m" / "f")
 
 
+def test_an_aesthetic_head_path_resolves_like_the_models(tmp_path, monkeypatch):
+    """The head's weights load inside the ranker's actor, which may run in another directory."""
+    (tmp_path / "conf" / "heads").mkdir(parents=True)
+    (tmp_path / "conf" / "heads" / "h.safetensors").write_bytes(b"")
+    pipeline = "name: p\nranker: {model: gpt2}\naesthetic: {model: heads/h.safetensors}\n"
+    (tmp_path / "conf" / "p.yaml").write_text(pipeline)
+    monkeypatch.chdir(tmp_path)
+    cfg = load_pipeline(tmp_path / "conf" / "p.yaml")
+    resolve_local_models(cfg, str(tmp_path / "conf" / "p.yaml"))
+    assert cfg.aesthetic.model == str(tmp_path / "conf" / "heads" / "h.safetensors")
+
+
 def test_a_set_model_path_is_the_command_lines_own(tmp_path, monkeypatch):
     shutil.copytree(MODELS / "bridge-filter", tmp_path / "pipelines" / "models" / "bridge-filter")
     monkeypatch.chdir(tmp_path)  # holds a pipelines/models/bridge-filter of its own

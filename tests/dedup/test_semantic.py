@@ -1,7 +1,7 @@
-"""SemDeDup over image embeddings in the layout ``output.write_embeddings: true`` will write:
+"""SemDeDup over image embeddings in the layout ``output.write_embeddings: true`` writes:
 OUT/embeddings/NAME.parquet per shard with key, shard, image_embedding and text_embedding.
 
-The pipeline does not write embeddings yet, so this test writes them, from the run's own input
+This test writes them itself, so that which images are copies is known, from the run's own input
 images: each image in grey at 16 x 16, centred (a real, if plain, image feature under which
 resized and re-encoded copies stay close and different drawings do not).
 """
