@@ -142,7 +142,7 @@ def test_tiny_blip_and_clip_match_torch(tiny_models):
     # every caption runs its 7 steps (the end token is barred until then), so the count is exact
     settings = GenerationSettings(num_captions=3, max_new_tokens=7, min_new_tokens=7, dedupe=False)
     captioner = open_captioner(LoadOptions(caption_cfg.model), settings, device="cpu")
-    captions, caption_flops = run_counted(captioner, pics, seed=0)
+    captions, caption_flops = run_counted(captioner, pics, seeds=range(len(pics)))
     got = {"captioner": caption_flops}
     texts = [([a] if a else []) + c for a, c in zip(alts, captions)]
     itm = open_scorer(LoadOptions(cfg.filter.model), (ITM_SCORE,), device="cpu", batch_size=2)
@@ -234,7 +234,7 @@ def test_bridge_captioner_matches_torch(backbones):
     settings = GenerationSettings(num_captions=3, max_new_tokens=3, min_new_tokens=3, dedupe=False)
     captioner = open_captioner(LoadOptions(model), settings, device="cpu")
     pics = images(1)  # one image, three captions: the prefix is prefilled once for the three
-    captions, got = run_counted(captioner, pics, seed=0)
+    captions, got = run_counted(captioner, pics, seeds=range(len(pics)))
     counts, _ = flops.pipeline_flops(cfg, captions, captions)
     assert counts["captioner"].flops == got
 

@@ -84,12 +84,12 @@ def test_encode_item_returns_skips_in_place_of_raising(tmp_path: Path) -> None:
     assert isinstance(skip, Skip) and (skip.reason, skip.detail) == ("svg_only", "c.svg")
 
 
-def test_pillow_limit_is_lifted_only_inside_the_block() -> None:
-    before = Image.MAX_IMAGE_PIXELS
-    assert before is not None
+def test_pillow_limit_is_lifted_only_inside_the_block(monkeypatch) -> None:
+    # set a limit here: importing curate.stages.decode (as other tests do) lifts it process-wide
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 12_345)
     with no_pillow_bomb_check():
         assert Image.MAX_IMAGE_PIXELS is None
-    assert before == Image.MAX_IMAGE_PIXELS
+    assert Image.MAX_IMAGE_PIXELS == 12_345
 
 
 @pytest.mark.skipif(importlib.util.find_spec("cairosvg") is not None, reason="cairosvg is installed")
