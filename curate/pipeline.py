@@ -500,8 +500,9 @@ def _run_shards(
     tracker.close()
     harvest(block=True)
     fs, root = output_fs(output)
-    if fs.exists(f"{root}/{PARTS_DIR}") and not fs.ls(f"{root}/{PARTS_DIR}", detail=False):
-        fs.rm(f"{root}/{PARTS_DIR}", recursive=True)  # every shard committed: nothing left in it
+    with contextlib.suppress(OSError):  # tidying only: every shard is committed, the dir is empty
+        if fs.exists(f"{root}/{PARTS_DIR}") and not fs.ls(f"{root}/{PARTS_DIR}", detail=False):
+            fs.rmdir(f"{root}/{PARTS_DIR}")
 
 
 def _summary_blocks(ds) -> Iterator[Any]:
