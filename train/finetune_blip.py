@@ -130,7 +130,7 @@ def train_loop(config: dict) -> dict:
     micro = hp.batch_size // (info.world_size * hp.accum_steps)
     precision = resolve_precision(hp.precision, info.device)
     run_dir = Path(config["run_dir"])
-    logger = MetricsLogger(run_dir / "metrics.jsonl", enabled=info.is_main, unit="step")
+    logger = MetricsLogger(run_dir / "metrics.jsonl", enabled=info.is_main, unit="step", steps=hp.steps)
 
     seed_everything(hp.seed)
     model, processor = load_blip(hp.task, hp.init_from)
@@ -247,6 +247,7 @@ def train_loop(config: dict) -> dict:
                 )
             report({"step": step + 1, **metrics}, info)
 
+    logger.close()
     result: dict = {"task": hp.task, "step": hp.steps, "train": metrics, "precision": precision}
     if val:
         result["val"] = val

@@ -160,7 +160,9 @@ def train_loop(config: dict) -> dict:
     precision = resolve_precision(hp.precision, info.device)
     bench = bool(config.get("bench"))
     run_dir = Path(config["run_dir"])
-    logger = MetricsLogger(run_dir / "metrics.jsonl", enabled=info.is_main and not bench, unit="step")
+    logger = MetricsLogger(
+        run_dir / "metrics.jsonl", enabled=info.is_main and not bench, unit="step", steps=hp.steps
+    )
 
     seed_everything(hp.seed)  # the same initial weights on every worker
     model, tokenizer, image_processor = build_clip(hp.init_from, hp.arch, hp.tokenizer)
@@ -298,6 +300,7 @@ def train_loop(config: dict) -> dict:
                 )
             report({"step": step + 1, **metrics}, info)
 
+    logger.close()
     result: dict = {"step": hp.steps, "train": metrics, "precision": precision}
     if eval_metrics:
         result["eval"] = eval_metrics

@@ -231,6 +231,7 @@ def train_loop(config: dict) -> dict:
             log.info("resumed from %s (epoch %d done)", ckpt, start_epoch)
 
     last: dict = {}
+    metrics_log.progress.total = steps_per_epoch * (hp.epochs - start_epoch)
     for epoch in range(start_epoch, hp.epochs):
         seed_everything(hp.seed + epoch + 10_000 * info.rank)  # dropout differs per rank, replays on resume
         model.train()
@@ -252,15 +253,7 @@ def train_loop(config: dict) -> dict:
             loss_sum += out.loss.item() * int(out.num_tokens)
             token_sum += int(out.num_tokens)
             steps += 1
-            if info.is_main and steps % config.get("log_every", 10) == 0:
-                log.info(
-                    "epoch %d step %d/%d loss %.3f (%.1fs)",
-                    epoch + 1,
-                    steps,
-                    steps_per_epoch,
-                    loss_sum / max(token_sum, 1),
-                    time.perf_counter() - started,
-                )
+            metrics_log.step(loss=loss_sum / max(token_sum, 1))
         seconds = time.perf_counter() - started
         train_metrics = {
             "loss": loss_sum / max(token_sum, 1),
@@ -290,6 +283,7 @@ def train_loop(config: dict) -> dict:
     if info.is_main:
         path = save_pretrained(bare, config["output"], dtype=config.get("save_dtype", "fp16"))
         log.info("saved %s (%d trainable parameters)", path, bare.num_trainable_parameters())
+    metrics_log.close()
     return last
 
 

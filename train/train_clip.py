@@ -100,7 +100,7 @@ def train_loop(config: dict) -> dict:
     )
     itc = ITCLoss()
     run_dir = Path(config["run_dir"])
-    logger = MetricsLogger(run_dir / "metrics.jsonl", enabled=info.is_main)
+    logger = MetricsLogger(run_dir / "metrics.jsonl", enabled=info.is_main, steps=hp.steps)
     batches = iter_batches(
         config["train_features"],
         hp.batch_size // info.world_size,
@@ -130,6 +130,7 @@ def train_loop(config: dict) -> dict:
             hits = pos[torch.arange(len(pos)), (img @ txt.t()).argmax(1)]
         running["loss"] += float(loss.detach())
         running["acc"] += float(hits.float().mean())
+        logger.step(loss=float(loss.detach()))
         if (step + 1) % log_every == 0 or step + 1 == hp.steps:
             n = (step % log_every) + 1
             metrics = {
@@ -143,6 +144,7 @@ def train_loop(config: dict) -> dict:
             logger.log(step + 1, "train", metrics)
             report(metrics, info)
             running = {"loss": 0.0, "acc": 0.0}
+    logger.close()
     result: dict = {"steps": hp.steps, "samples_seen": hp.steps * hp.batch_size, "hparams": hp.to_dict()}
     if info.is_main:
         bare = unwrap(model).cpu()

@@ -161,6 +161,7 @@ def train_loop(config: dict) -> dict:
             log.info("resumed from %s (epoch %d done)", ckpt, start_epoch)
 
     metrics: dict = {}
+    logger.progress.total = steps_per_epoch * (hp.epochs - start_epoch)
     for epoch in range(start_epoch, hp.epochs):
         t0 = time.perf_counter()
         seed_everything(hp.seed + epoch + 1)  # dropout and negative mining replay on resume
@@ -185,6 +186,7 @@ def train_loop(config: dict) -> dict:
                 model.logit_scale.clamp_(0, math.log(100.0))
             for k in sums:
                 sums[k] += float(out[k].detach())
+            logger.step(loss=float(out["loss"].detach()))
         metrics = {f"train_{k}": v / max(1, len(batches)) for k, v in sums.items()}
         metrics["lr"] = scheduler.get_last_lr()[0]
         metrics["epoch_seconds"] = round(time.perf_counter() - t0, 2)
@@ -204,6 +206,7 @@ def train_loop(config: dict) -> dict:
             metrics.update(calibrate_itm(model, val_feats, hp.seed, info.device))
             logger.log(hp.epochs, "calibration", {k: metrics[k] for k in ("itm_scale", "itm_shift")})
         save_pretrained(model, config["output"], dtype=config.get("save_dtype", "fp32"))
+    logger.close()
     return {"epoch": hp.epochs, **metrics}
 
 

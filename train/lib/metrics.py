@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -10,6 +11,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from curate.progress import Progress
 
 
 def roc_auc(scores: Sequence[float] | np.ndarray, labels: Sequence[int] | np.ndarray) -> float:
@@ -70,18 +73,35 @@ def _format(value: Any) -> str:
 
 
 class MetricsLogger:
-    """One console line and one JSON line per (index, split); silent when not enabled (rank > 0).
+    """One JSON line per (index, split), and the console through the project's progress
+    display (curate.progress): a progress line of steps done, rate, the latest loss and ETA,
+    redrawn on a terminal or printed every few seconds in a log, and a line of its own per
+    epoch, evaluation or echoed step. Silent when not enabled (rank > 0).
 
-    A line is ``{unit: index, "split", "time", **metrics}``; ``unit`` is ``epoch`` for the
-    epoch-based scripts and ``step`` for the step-based ones.
+    A JSON line is ``{unit: index, "split", "time", **metrics}``; ``unit`` is ``epoch`` for
+    the epoch-based scripts and ``step`` for the step-based ones. ``steps`` is the loop's
+    total of optimizer steps, for the ETA; epoch-based scripts call :meth:`step` per batch.
     """
 
-    def __init__(self, path: str | Path | None, enabled: bool = True, unit: str = "epoch") -> None:
+    def __init__(
+        self,
+        path: str | Path | None,
+        enabled: bool = True,
+        unit: str = "epoch",
+        steps: int | None = None,
+        label: str = "train",
+    ) -> None:
         self.path = Path(path) if path is not None else None
         self.enabled = enabled
         self.unit = unit
+        self.progress = Progress(label, total=steps, unit="steps", stream=sys.stdout, enabled=enabled)
         if self.enabled and self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def step(self, n: int = 1, **values: float) -> None:
+        """``n`` optimizer steps done; ``values`` (a loss) are shown as the latest."""
+        self.progress.counts.update({k: float(v) for k, v in values.items()})  # the latest, not a sum
+        self.progress.update(n)
 
     def log(self, index: int, split: str, metrics: Mapping[str, Any], echo: bool = True) -> None:
         """Append the line; ``echo=False`` writes the JSON line without the console line."""
@@ -90,10 +110,16 @@ class MetricsLogger:
         clean = {
             k: (float(v) if isinstance(v, torch.Tensor | np.floating) else v) for k, v in metrics.items()
         }
+        if self.unit == "step" and split == "train":  # a step-based loop logs every step
+            shown = {k: v for k, v in clean.items() if k in ("loss", "lr") and isinstance(v, float)}
+            self.step(max(0, index - int(self.progress.done)), **shown)
         if echo:
             text = " ".join(f"{k} {_format(v)}" for k, v in clean.items())
-            print(f"{self.unit} {index} {split} | {text}", flush=True)
+            self.progress.note(f"{self.unit} {index} {split} | {text}")
         if self.path is not None:
             record = {self.unit: index, "split": split, "time": round(time.time(), 3), **clean}
             with self.path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
+
+    def close(self) -> None:
+        self.progress.close()
