@@ -762,11 +762,11 @@ def main() -> int:
     sys.path.insert(0, str(REPO))
     import torch
 
-    from curate.commands.run import resolve_local_models
+    from curate.commands.run import overridden_sections, resolve_local_models
     from curate.config import load_pipeline
 
     cfg = load_pipeline(args.pipeline, args.overrides)
-    resolve_local_models(cfg, args.pipeline)
+    resolve_local_models(cfg, args.pipeline, overridden_sections(args.overrides))
     overrides = [*args.overrides] + [f"{n}.model={m.model}" for n, m in cfg.models().items()]
     work = Path(tempfile.mkdtemp(prefix="curate-bench-"))
     n = args.samples
