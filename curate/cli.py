@@ -1,4 +1,4 @@
-"""Command line: ``curate run|ingest|data|query|stats|report|dedup``.
+"""Command line: ``curate run|ingest|data|query|stats|report|dedup|export``.
 
 Entry points parse arguments; library code takes typed arguments. Each subcommand
 module exposes ``register(subparsers)`` and sets ``func`` on its parser; imports stay
@@ -20,6 +20,7 @@ SUBCOMMANDS = {
     "stats": "curate.commands.explore",
     "report": "curate.commands.explore",
     "dedup": "curate.commands.dedup",
+    "export": "curate.commands.export",
 }
 
 
