@@ -68,10 +68,10 @@ from train.lib.launch import (
     report,
     seed_everything,
     setup_logging,
-    worker_info,
+    step_worker,
 )
 from train.lib.metrics import MetricsLogger
-from train.lib.optim import autocast, param_groups, resolve_precision, warmup_cosine
+from train.lib.optim import autocast, param_groups, warmup_cosine
 
 log = logging.getLogger("train.finetune_blip")
 
@@ -121,14 +121,7 @@ def train_loop(config: dict) -> dict:
     )
 
     hp = FinetuneHparams.from_dict(config["hparams"])
-    info = worker_info(config["device"])
-    if hp.batch_size % (info.world_size * hp.accum_steps):
-        raise ValueError(
-            f"--batch-size {hp.batch_size} is not a multiple of {info.world_size} workers x "
-            f"{hp.accum_steps} accumulation steps"
-        )
-    micro = hp.batch_size // (info.world_size * hp.accum_steps)
-    precision = resolve_precision(hp.precision, info.device)
+    info, micro, precision = step_worker(config["device"], hp.batch_size, hp.accum_steps, hp.precision)
     run_dir = Path(config["run_dir"])
     logger = MetricsLogger(run_dir / "metrics.jsonl", enabled=info.is_main, unit="step", steps=hp.steps)
 

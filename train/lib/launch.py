@@ -6,6 +6,9 @@
 - ``WorkerInfo`` / ``worker_info(device)``: rank, world size, torch device and whether
   this runs inside Ray Train (``in_ray``); outside Ray Train it is rank 0 of 1.
   ``device`` is ``auto|cpu|cuda`` (``curate.models.base.resolve_device``: cuda without one fails).
+- ``step_worker(device, batch_size, accum_steps, precision)``: the step-based loops' start:
+  this worker's ``WorkerInfo``, its micro-batch (the global batch split across workers, then
+  into ``accum_steps``; it must divide evenly) and the resolved autocast dtype.
 - ``prepare_model(model, info)``: DDP through ``ray.train.torch.prepare_model`` when
   world size > 1, else ``model.to(info.device)``. ``unwrap(model)`` gives the bare module back.
 - ``shard_indices(n, info, seed, epoch, shuffle=True)``: this worker's sample indices of
@@ -49,6 +52,7 @@ import torch
 
 from curate.io.files import write_atomic
 from curate.models.base import resolve_device
+from train.lib.optim import resolve_precision
 
 log = logging.getLogger("train")
 
@@ -118,6 +122,24 @@ def worker_info(device: str = "auto") -> WorkerInfo:
         device=dev,
         in_ray=True,
     )
+
+
+def step_worker(
+    device: str, batch_size: int, accum_steps: int, precision: str
+) -> tuple[WorkerInfo, int, str]:
+    """This worker, its micro-batch of a global ``batch_size`` and the autocast dtype it resolves to.
+
+    The global batch is split across the workers, then into ``accum_steps`` micro-batches:
+    a batch size that does not divide evenly is an error naming both.
+    """
+    info = worker_info(device)
+    if batch_size % (info.world_size * accum_steps):
+        raise ValueError(
+            f"--batch-size {batch_size} is not a multiple of {info.world_size} workers x "
+            f"{accum_steps} accumulation steps"
+        )
+    micro = batch_size // (info.world_size * accum_steps)
+    return info, micro, resolve_precision(precision, info.device)
 
 
 def prepare_model(
