@@ -13,12 +13,13 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, fields
+from typing import Any
 
 import torch
 from PIL import Image
 
+from curate.config import CaptionerConfig
 from curate.models import BRIDGE_CAPTIONER_TYPE
 from curate.models.base import (
     LoadOptions,
@@ -31,22 +32,24 @@ from curate.models.base import (
 )
 from curate.models.sampling import seeded_sampling, seeded_uniforms
 
-if TYPE_CHECKING:
-    from curate.config import CaptionerConfig
-
 
 @dataclass(frozen=True)
 class GenerationSettings:
-    num_captions: int = 10
-    decoding: str = "nucleus"  # nucleus | beam
-    top_p: float = 0.9
-    temperature: float = 1.0
-    max_new_tokens: int = 30
-    min_new_tokens: int = 0
-    num_beams: int = 3
-    repetition_penalty: float = 1.0
-    prompt: str | None = None
-    dedupe: bool = True
+    """How a captioner writes: a pipeline's ``captioner`` section without what it loads or where.
+
+    The defaults are ``CaptionerConfig``'s (a dataclass's class attributes are its fields'
+    defaults), so the library and a pipeline file cannot drift apart."""
+
+    num_captions: int = CaptionerConfig.num_captions
+    decoding: str = CaptionerConfig.decoding  # nucleus | beam
+    top_p: float = CaptionerConfig.top_p
+    temperature: float = CaptionerConfig.temperature
+    max_new_tokens: int = CaptionerConfig.max_new_tokens
+    min_new_tokens: int = CaptionerConfig.min_new_tokens
+    num_beams: int = CaptionerConfig.num_beams
+    repetition_penalty: float = CaptionerConfig.repetition_penalty
+    prompt: str | None = CaptionerConfig.prompt
+    dedupe: bool = CaptionerConfig.dedupe
 
 
 class Captioner(ABC):
@@ -59,6 +62,32 @@ class Captioner(ABC):
 
     settings: GenerationSettings
     revision: str | None
+
+    def __init__(
+        self,
+        load: LoadOptions,
+        settings: GenerationSettings | None = None,
+        device: str = "auto",
+        dtype: str = "fp32",
+    ) -> None:
+        self.settings = settings or GenerationSettings()
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
+        model_class = self._model_class(load)
+        try:
+            model = self._from_pretrained(model_class, load)
+        except Exception as exc:
+            raise load_error("captioner", load, exc) from exc
+        self.model = move(model, self.device, self.dtype)
+        self.revision = model_revision(self.model)
+
+    @abstractmethod
+    def _model_class(self, load: LoadOptions) -> Any:
+        """The class that loads ``load.model`` (its own errors name what failed already)."""
+
+    @abstractmethod
+    def _from_pretrained(self, model_class: Any, load: LoadOptions) -> torch.nn.Module:
+        """The model as loaded, before ``move``; also keeps what it writes with (tokenizer, processor)."""
 
     @torch.inference_mode()
     def __call__(self, images: list[Image.Image], seeds: Sequence[int] | None = None) -> list[list[str]]:
@@ -105,27 +134,16 @@ def _hf_model_class(kind: str):
 class HFCaptioner(Captioner):
     """A transformers captioner: its processor prepares the images, ``generate`` writes."""
 
-    def __init__(
-        self,
-        load: LoadOptions,
-        settings: GenerationSettings | None = None,
-        device: str = "auto",
-        dtype: str = "fp32",
-    ) -> None:
+    def _model_class(self, load: LoadOptions) -> Any:
+        return _hf_model_class(model_type(load, "captioner"))
+
+    def _from_pretrained(self, model_class: Any, load: LoadOptions) -> torch.nn.Module:
         import transformers
 
-        self.settings = settings or GenerationSettings()
-        self.device = resolve_device(device)
-        self.dtype = resolve_dtype(dtype, self.device)
-        cls = _hf_model_class(model_type(load, "captioner"))
-        try:
-            model = cls.from_pretrained(load.model, **load.model_kwargs())
-            self.processor = transformers.AutoProcessor.from_pretrained(load.model, **load.kwargs())
-        except Exception as exc:
-            raise load_error("captioner", load, exc) from exc
-        self.model = move(model, self.device, self.dtype)
-        self.revision = model_revision(self.model)
+        model = model_class.from_pretrained(load.model, **load.model_kwargs())
+        self.processor = transformers.AutoProcessor.from_pretrained(load.model, **load.kwargs())
         self.tokenizer = getattr(self.processor, "tokenizer", self.processor)
+        return model
 
     def _inputs(self, images: list[Image.Image]) -> dict:
         prompt = self.settings.prompt
@@ -171,25 +189,15 @@ class BridgeCaptioner(Captioner):
     """The bootstrapped bridge captioner; it brings its frozen LM's tokenizer and samples
     with ``curate.models.sampling`` (prefix prefilled once per image)."""
 
-    def __init__(
-        self,
-        load: LoadOptions,
-        settings: GenerationSettings | None = None,
-        device: str = "auto",
-        dtype: str = "fp32",
-    ) -> None:
+    def _model_class(self, load: LoadOptions) -> Any:
         from curate.models.bridge.captioner import BridgeCaptionerModel
 
-        self.settings = settings or GenerationSettings()
-        self.device = resolve_device(device)
-        self.dtype = resolve_dtype(dtype, self.device)
-        try:
-            model = BridgeCaptionerModel.from_pretrained(load.model, **load.model_kwargs())
-            self.tokenizer = model.language_model()[1]  # loads the frozen LM now, in the actor
-        except Exception as exc:
-            raise load_error("captioner", load, exc) from exc
-        self.model = move(model, self.device, self.dtype)
-        self.revision = model_revision(self.model)
+        return BridgeCaptionerModel
+
+    def _from_pretrained(self, model_class: Any, load: LoadOptions) -> torch.nn.Module:
+        model = model_class.from_pretrained(load.model, **load.model_kwargs())
+        self.tokenizer = model.language_model()[1]  # loads the frozen LM now, in the actor
+        return model
 
     def _generate(self, images: list[Image.Image], seeds: list[int] | None) -> list[list[str]]:
         s = self.settings
@@ -209,18 +217,8 @@ class BridgeCaptioner(Captioner):
 
 
 def generation_settings(cfg: CaptionerConfig) -> GenerationSettings:
-    return GenerationSettings(
-        num_captions=cfg.num_captions,
-        decoding=cfg.decoding,
-        top_p=cfg.top_p,
-        temperature=cfg.temperature,
-        max_new_tokens=cfg.max_new_tokens,
-        min_new_tokens=cfg.min_new_tokens,
-        num_beams=cfg.num_beams,
-        repetition_penalty=cfg.repetition_penalty,
-        prompt=cfg.prompt,
-        dedupe=cfg.dedupe,
-    )
+    """The section's settings of how to write: every ``GenerationSettings`` field, by name."""
+    return GenerationSettings(**{f.name: getattr(cfg, f.name) for f in fields(GenerationSettings)})
 
 
 def open_captioner(
