@@ -8,6 +8,8 @@ import sys
 import tempfile
 import time
 
+from curate.commands.ray_options import add_ray_options
+
 EXIT_USAGE = 2
 
 
@@ -41,17 +43,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--clusters", type=int, default=None, help="semantic: k-means clusters (default: sqrt of the samples)"
     )
-    p.add_argument(
-        "--ray-address", default=None, help="Ray cluster to join (default: RAY_ADDRESS or embedded)"
-    )
-    p.add_argument("--num-cpus", type=int, default=None, help="logical CPUs of the embedded Ray")
-    p.add_argument("--quiet", "-q", action="store_true", help="no progress lines")
-    p.add_argument(
-        "--verbose",
-        "-v",
-        action="store_true",
-        help="show Ray's own output here instead of in OUT/_logs/dedup-TIMESTAMP.log",
-    )
+    add_ray_options(p, "dedup")
     p.set_defaults(func=cmd_dedup)
 
 

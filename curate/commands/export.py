@@ -6,6 +6,8 @@ import argparse
 import os
 import sys
 
+from curate.commands.ray_options import add_ray_options
+
 EXIT_USAGE = 2
 
 
@@ -36,17 +38,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help=f"samples per output tar (default {DEFAULT_SAMPLES_PER_SHARD:,}; the last tar holds the rest)",
     )
     p.add_argument("--overwrite", action="store_true", help="replace another export already in DIR")
-    p.add_argument(
-        "--ray-address", default=None, help="Ray cluster to join (default: RAY_ADDRESS or embedded)"
-    )
-    p.add_argument("--num-cpus", type=int, default=None, help="logical CPUs of the embedded Ray")
-    p.add_argument("--quiet", "-q", action="store_true", help="no progress lines")
-    p.add_argument(
-        "--verbose",
-        "-v",
-        action="store_true",
-        help="show Ray's own output here instead of in OUT/_logs/export-TIMESTAMP.log",
-    )
+    add_ray_options(p, "export")
     p.set_defaults(func=cmd_export)
 
 

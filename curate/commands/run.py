@@ -9,6 +9,8 @@ import sys
 import tempfile
 import time
 
+from curate.commands.ray_options import add_ray_options
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -39,17 +41,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--overwrite", action="store_true", help="delete this output's previous results and start fresh"
     )
-    p.add_argument(
-        "--ray-address", default=None, help="Ray cluster to join (default: RAY_ADDRESS or embedded)"
-    )
-    p.add_argument("--num-cpus", type=int, default=None, help="logical CPUs of the embedded Ray")
-    p.add_argument("--quiet", "-q", action="store_true", help="no progress and no per-shard lines")
-    p.add_argument(
-        "--verbose",
-        "-v",
-        action="store_true",
-        help="show Ray's own output (its progress dumps, warnings, workers' output) here instead of "
-        "in OUT/_logs/run-TIMESTAMP.log",
+    add_ray_options(
+        p,
+        "run",
+        quiet_help="no progress and no per-shard lines",
+        ray_output="Ray's own output (its progress dumps, warnings, workers' output)",
     )
     p.add_argument(
         "--dry-run",
