@@ -57,10 +57,9 @@ from pathlib import Path
 
 import torch
 
-from train.lib.checkpoint import Hyperparams, latest_checkpoint, load_checkpoint, save_checkpoint
+from train.lib.checkpoint import Hyperparams
 from train.lib.launch import (
     add_launch_args,
-    gather_objects,
     launch_from_args,
     mean_over_workers,
     prepare_model,
@@ -117,6 +116,8 @@ def train_loop(config: dict) -> dict:
         TextTokenizer,
         eval_batches,
         make_loader,
+        resume_step,
+        save_step,
         to_device,
     )
 
@@ -141,14 +142,9 @@ def train_loop(config: dict) -> dict:
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: warmup_cosine(s, hp.warmup_steps, hp.steps, hp.min_lr_ratio)
     )
-    start_step, stream_state = 0, None
     ckpt_dir = run_dir / "checkpoints"
-    if config.get("resume") and (ckpt := latest_checkpoint(ckpt_dir, "step")) is not None:
-        state = load_checkpoint(ckpt, trained, optimizer, scheduler)
-        start_step = state["step"]
-        stream_state = StreamCursor.of_worker(state["extra"]["streams"], info.rank, info.world_size)
-        if info.is_main:
-            log.info("resumed from %s (step %d done)", ckpt, start_step)
+    resume = bool(config.get("resume"))
+    start_step, stream_state = resume_step(ckpt_dir, resume, trained, optimizer, scheduler, info)
 
     stream = ImageTextStream(
         config["train"], transform, tokenize, micro, seed=hp.seed, rank=info.rank, world_size=info.world_size,
@@ -224,20 +220,9 @@ def train_loop(config: dict) -> dict:
                 logger.log(step + 1, "val", val)
             report({"step": step + 1, **metrics}, info)  # a barrier: the others wait for rank 0
         if (step + 1) % config["checkpoint_every"] == 0 or last_step:
-            streams = gather_objects(cursor.state())
-            if info.is_main:
-                save_checkpoint(
-                    ckpt_dir,
-                    step + 1,
-                    trained,
-                    optimizer,
-                    hp,
-                    metrics,
-                    scheduler,
-                    keep=config["keep_checkpoints"],
-                    unit="step",
-                    extra={"streams": streams},
-                )
+            # every worker's position: all resume together
+            save_step(ckpt_dir, step + 1, trained, optimizer, scheduler, hp, metrics, cursor, info,
+                      keep=config["keep_checkpoints"])  # fmt: skip
             report({"step": step + 1, **metrics}, info)
 
     logger.close()

@@ -34,6 +34,7 @@ import logging
 import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -207,6 +208,46 @@ class StreamCursor:
                 f"resume with --workers {len(states)}"
             )
         return states[rank]
+
+
+def resume_step(
+    ckpt_dir: Path, resume: bool, model: torch.nn.Module, optimizer: Any, scheduler: Any, info: Any
+) -> tuple[int, dict | None]:
+    """A step-based loop's start: with ``resume`` and a checkpoint in ``ckpt_dir``, restore the
+    model, optimizer and schedule and return (steps done, this worker's stream state); else (0, None)."""
+    from train.lib.checkpoint import latest_checkpoint, load_checkpoint
+
+    if not resume or (ckpt := latest_checkpoint(ckpt_dir, "step")) is None:
+        return 0, None
+    state = load_checkpoint(ckpt, model, optimizer, scheduler)
+    if info.is_main:
+        log.info("resumed from %s (step %d done)", ckpt, state["step"])
+    return state["step"], StreamCursor.of_worker(state["extra"]["streams"], info.rank, info.world_size)
+
+
+def save_step(
+    ckpt_dir: Path,
+    step: int,
+    model: torch.nn.Module,
+    optimizer: Any,
+    scheduler: Any,
+    hparams: Any,
+    metrics: dict,
+    cursor: StreamCursor,
+    info: Any,
+    keep: int,
+) -> None:
+    """Checkpoint after ``step`` steps with every worker's stream position (a collective: every
+    worker calls it; rank 0 writes), so a resume continues all streams where they stood."""
+    from train.lib.checkpoint import save_checkpoint
+    from train.lib.launch import gather_objects
+
+    streams = gather_objects(cursor.state())
+    if info.is_main:
+        save_checkpoint(
+            ckpt_dir, step, model, optimizer, hparams, metrics, scheduler,
+            keep=keep, unit="step", extra={"streams": streams},
+        )  # fmt: skip
 
 
 def _interleave(iterators: list[Iterator[Record]]) -> Iterator[Record]:
