@@ -56,6 +56,7 @@ class Progress:
         self.counts: dict[str, float] = {}
         self.started = time.monotonic()
         self._last_print = self.started
+        self._printed: tuple | None = None  # (done, total, counts) of the last line a log got
         self._drawn = False
 
     @property
@@ -102,6 +103,7 @@ class Progress:
         elif force or now - self._last_print >= self.every_s:
             print(self.line(), file=self.stream, flush=True)
             self._last_print = now
+            self._printed = self._state()
 
     def note(self, text: str) -> None:
         """A line of its own (a finished shard), above the live line."""
@@ -110,6 +112,7 @@ class Progress:
         if self.live and self._drawn:
             self.stream.write("\r\x1b[K")
         print(text, file=self.stream, flush=True)
+        self._printed = None  # the figures are no longer the log's last line
         if self.live:
             self._show(force=True)
 
@@ -119,8 +122,11 @@ class Progress:
         if self.live:
             self.stream.write("\r\x1b[K" + self.line() + "\n")
             self.stream.flush()
-        else:
+        elif self._printed != self._state():  # a log already holding the final figures gets no copy
             print(self.line(), file=self.stream, flush=True)
+
+    def _state(self) -> tuple:
+        return self.done, self.total, tuple(sorted(self.counts.items()))
 
 
 def _fmt(value: float) -> str:

@@ -35,8 +35,23 @@ def test_in_a_log_a_line_every_few_seconds_with_rate_counts_and_eta(monkeypatch)
         "curate run: 25 of 100 samples | 2.50 samples/s | kept 15 dropped 10 error 0 | ETA 30s | elapsed 10s"
     )
     p.note("  shard 00000: 25 samples")
-    p.close()
+    p.close()  # the figures again at the end, below the note
     assert log.getvalue().splitlines()[1:] == ["  shard 00000: 25 samples", line]
+
+
+def test_in_a_log_the_last_line_is_not_repeated_at_close(monkeypatch):
+    clock = Clock()
+    monkeypatch.setattr("curate.progress.time.monotonic", clock)
+    log = io.StringIO()
+    p = Progress("curate dedup", total=2, unit="steps", stream=log, every_s=10, live=False)
+    clock.now += 11
+    p.update(2)
+    p.close()
+    assert len(log.getvalue().splitlines()) == 1
+    clock.now += 1
+    p.update(0, {"pairs": 3})  # new figures since the last line: close shows them
+    p.close()
+    assert len(log.getvalue().splitlines()) == 2
 
 
 def test_on_a_terminal_one_line_redrawn_and_notes_above_it(monkeypatch):
