@@ -59,6 +59,8 @@ import torch
 
 from train.lib.checkpoint import Hyperparams
 from train.lib.launch import (
+    absolute_local,
+    absolute_shards,
     add_launch_args,
     launch_from_args,
     mean_over_workers,
@@ -298,12 +300,13 @@ def main(argv: list[str] | None = None) -> dict:
     from train.lib.data import list_shards
 
     setup_logging()
+    args.init_from = absolute_local(args.init_from)
     hp = FinetuneHparams.from_namespace(args)
     run_dir = prepare_run_dir(args.run_dir, args.resume)
     config = {
         "hparams": hp.to_dict(),
-        "train": list_shards(args.train),
-        "val": list_shards(args.val) if args.val else None,
+        "train": absolute_shards(list_shards(args.train)),
+        "val": absolute_shards(list_shards(args.val)) if args.val else None,
         "val_samples": args.val_samples,
         "eval_every": args.eval_every,
         "cider_samples": args.cider_samples,

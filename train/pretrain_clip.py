@@ -77,6 +77,8 @@ import torch
 
 from train.lib.checkpoint import Hyperparams
 from train.lib.launch import (
+    absolute_local,
+    absolute_shards,
     add_launch_args,
     launch_from_args,
     mean_over_workers,
@@ -386,12 +388,15 @@ def main(argv: list[str] | None = None) -> dict:
     from train.lib.data import list_shards
 
     setup_logging()
+    args.init_from = absolute_local(args.init_from)
+    args.arch = absolute_local(args.arch)
+    args.tokenizer = absolute_local(args.tokenizer)
     hp = PretrainHparams.from_namespace(args)
     run_dir = prepare_run_dir(args.run_dir, args.resume and not args.bench)
     config = {
         "hparams": hp.to_dict(),
-        "train": list_shards(args.train),
-        "eval": list_shards(args.eval) if args.eval else None,
+        "train": absolute_shards(list_shards(args.train)),
+        "eval": absolute_shards(list_shards(args.eval)) if args.eval else None,
         "eval_samples": args.eval_samples,
         "eval_every": args.eval_every,
         "loader_workers": args.loader_workers,

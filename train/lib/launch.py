@@ -337,6 +337,20 @@ def add_launch_args(
         add("--resume", action="store_true", help="continue from the newest checkpoint in the run dir")
 
 
+def absolute_local(value: str | None) -> str | None:
+    """A path that exists here, made absolute; anything else (a hub id, a URL, a keyword such
+    as ``vit-b-32``) as it is. Ray Train workers run in their own working directory, where a
+    relative path would be taken for a hub id."""
+    if value and "://" not in value and Path(value).exists():
+        return str(Path(value).resolve())
+    return value
+
+
+def absolute_shards(paths: list[str]) -> list[str]:
+    """Shard paths as the workers must see them (local ones absolute, URLs as they are)."""
+    return [absolute_local(p) or p for p in paths]
+
+
 def prepare_run_dir(run_dir: str | Path, resume: bool) -> Path:
     """The absolute run directory; a fresh run (not ``resume``) drops old checkpoints and metrics."""
     path = Path(run_dir).resolve()
