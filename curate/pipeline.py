@@ -46,6 +46,7 @@ from curate.io.writer import (
     SHARDS_DIR,
     ShardTracker,
     clear_leftovers,
+    clear_temp_files,
     commit_shard,
     done_shards,
     read_shard_metas,
@@ -499,6 +500,7 @@ def _run_shards(
         harvest(block=False)
     tracker.close()
     harvest(block=True)
+    clear_temp_files(output)  # a lost node's half-written files; its shards were written again
     fs, root = output_fs(output)
     with contextlib.suppress(OSError):  # tidying only: every shard is committed, the dir is empty
         if fs.exists(f"{root}/{PARTS_DIR}") and not fs.ls(f"{root}/{PARTS_DIR}", detail=False):

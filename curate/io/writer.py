@@ -460,6 +460,14 @@ def clear_leftovers(output: str) -> None:
     fs, root = output_fs(output)
     if fs.exists(f"{root}/{PARTS_DIR}"):
         fs.rm(f"{root}/{PARTS_DIR}", recursive=True)
+    clear_temp_files(output)
+
+
+def clear_temp_files(output: str) -> None:
+    """Remove temporary files under the output's final directories: before a run, a crashed
+    run's; after every shard is committed, those of writers on a node that died mid-write
+    (their shard was written again elsewhere; nothing can still be writing then)."""
+    fs, root = output_fs(output)
     for sub in (SAMPLES_DIR, SHARDS_DIR, SHARD_META_DIR, EMBEDDINGS_DIR):
         path = f"{root}/{sub}"
         if not fs.exists(path):

@@ -19,6 +19,7 @@ from curate.io.writer import (
     ShardStreamWriter,
     ShardTracker,
     clear_leftovers,
+    clear_temp_files,
     commit_shard,
     done_shards,
     read_shard_metas,
@@ -341,6 +342,20 @@ def test_leftovers_of_a_crashed_run_are_cleared(tmp_path):
     clear_leftovers(str(out))
     assert all_files(out) == []
     assert done_shards(str(out)) == set()
+
+
+def test_temp_files_go_and_committed_files_stay(tmp_path):
+    """After every shard is committed, a lost node's half-written files are removed."""
+    out = tmp_path / "out"
+    shard = ref(tmp_path)
+    (summary,) = write_part([*shard_rows(shard), shard_end(shard, 4)], str(out))
+    commit_shard(str(out), shard, [summary["part"]], total=4)
+    committed = all_files(out)
+    (out / "shards" / ".00000.tar.tmp-19688-16c9283b").write_bytes(b"half")
+    (out / "samples" / ".00000.parquet.tmp-19688-16c9283c").write_bytes(b"half")
+    clear_temp_files(str(out))
+    assert all_files(out) == committed
+    assert done_shards(str(out)) == {"00000"}
 
 
 def test_run_writer_close_raises_on_incomplete_shards(tmp_path):
