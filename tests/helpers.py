@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +78,16 @@ def write_tar(path: str | Path, members: Iterable[tuple[str, bytes]]) -> Path:
 def make_shard(path: str | Path, samples: list[dict[str, Any]]) -> Path:
     """Write an img2dataset-layout WebDataset tar from sample dicts (see ``sample_members``)."""
     return write_tar(path, [m for s in samples for m in sample_members(s)])
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float, every: float = 0.05) -> bool:
+    """Poll ``predicate`` until it holds (True) or ``timeout`` seconds pass (False)."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return True
+        time.sleep(every)
+    return False
 
 
 def start_local_ray():

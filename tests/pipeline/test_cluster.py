@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import re
-import time
 from pathlib import Path
 
 import duckdb
@@ -19,7 +18,7 @@ import psutil
 import pyarrow.parquet as pq
 import pytest
 
-from tests.helpers import image_bytes, make_shard
+from tests.helpers import image_bytes, make_shard, wait_for
 from tests.pipeline.loopback import LoopbackCluster
 
 REPO = Path(__file__).resolve().parents[2]
@@ -78,15 +77,6 @@ def _done(out: Path) -> int:
     return len(list((out / "samples").glob("*.parquet"))) if (out / "samples").exists() else 0
 
 
-def _wait_for(predicate, timeout: float) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
-
-
 @pytest.fixture(scope="module")
 def cluster():
     import ray
@@ -118,7 +108,7 @@ def clean_rows(cluster, tiny_models, shards, tmp_path_factory) -> list[tuple]:
 def test_worker_node_lost_mid_run_then_replaced(cluster, clean_rows, tiny_models, shards, tmp_path):
     out = tmp_path / "out"
     job = cluster.submit(_run_args(tiny_models, shards, out), str(REPO))
-    assert _wait_for(lambda: _done(out) >= 1, 300), cluster.logs(job)[-4000:]
+    assert wait_for(lambda: _done(out) >= 1, 300), cluster.logs(job)[-4000:]
     finished_before = _done(out)
     killed = cluster.kill_node("node-a")
     assert finished_before < N_SHARDS, "the run finished before the node could be killed"
@@ -135,7 +125,7 @@ def test_worker_node_lost_mid_run_then_replaced(cluster, clean_rows, tiny_models
 def test_driver_killed_mid_run_then_job_submitted_again(cluster, clean_rows, tiny_models, shards, tmp_path):
     out = tmp_path / "out"
     job = cluster.submit(_run_args(tiny_models, shards, out), str(REPO))
-    assert _wait_for(lambda: _done(out) >= 1, 300), cluster.logs(job)[-4000:]
+    assert wait_for(lambda: _done(out) >= 1, 300), cluster.logs(job)[-4000:]
 
     def drivers() -> list[psutil.Process]:
         found = []

@@ -18,7 +18,7 @@ import pytest
 
 from curate.io.reader import expand_inputs, shard_refs
 from curate.pipeline import run_pipeline
-from tests.helpers import image_bytes, make_shard, start_local_ray
+from tests.helpers import image_bytes, make_shard, start_local_ray, wait_for
 
 pytestmark = pytest.mark.slow
 N_SHARDS, PER_SHARD = 6, 6
@@ -94,15 +94,6 @@ def _kill_ray_leftovers(ray_tmp: str) -> None:
     subprocess.run(["pkill", "-9", "-f", ray_tmp], check=False)
 
 
-def _wait_for(predicate, timeout: float) -> bool:
-    end = time.time() + timeout
-    while time.time() < end:
-        if predicate():
-            return True
-        time.sleep(0.1)
-    return False
-
-
 @pytest.fixture(scope="module")
 def clean_rows(pipeline_file, shards, tmp_path_factory) -> list[tuple]:
     out = tmp_path_factory.mktemp("clean") / "out"
@@ -128,7 +119,7 @@ def test_sigkill_driver_then_resume(kill_after, pipeline_file, shards, clean_row
     }[kill_after]
     proc = _cli(pipeline_file, shards, out, ray_tmp)
     try:
-        assert _wait_for(condition, 300), (
+        assert wait_for(condition, 300, every=0.1), (
             proc.communicate(timeout=5)[0][-2000:] if proc.poll() is not None else "timeout"
         )
         finished_before = done()
@@ -169,7 +160,7 @@ def test_actor_killed_mid_run_is_restarted(pipeline_file, shards, clean_rows, tm
             ).stdout.split()
             return [int(p) for p in ps if int(p) != os.getpid()]
 
-        if _wait_for(lambda: bool(find()) and (tmp_path / "out" / "_shards").exists(), 120):
+        if wait_for(lambda: bool(find()) and (tmp_path / "out" / "_shards").exists(), 120, every=0.1):
             time.sleep(1.0)  # let it load its model and take a batch
             for pid in find():
                 os.kill(pid, signal.SIGKILL)
