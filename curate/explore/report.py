@@ -159,14 +159,20 @@ def _best_candidate(row: dict[str, Any]) -> dict[str, Any] | None:
 _ALT_LINE = '<div class="cap"><span class="src src-alt">alt</span>{}</div>'
 
 
-def _card(row: dict[str, Any], thumb: Thumbnail) -> str:
+def _thumb_html(row: dict[str, Any], thumb: Thumbnail) -> tuple[str, str]:
+    """A sample's thumbnail (or why there is none) and its " · W×H" note, for the grids' cards."""
     if thumb.data_uri:
         size = f'width="{thumb.width}" height="{thumb.height}"'
         image = f'<img src="{thumb.data_uri}" {size} alt="{_e(row["key"])}">'
     else:
         image = f'<div class="noimg">{_e(thumb.problem)}</div>'
-    status = row.get("status") or "?"
     size = f" · {row['width']}×{row['height']}" if row.get("width") and row.get("height") else ""
+    return image, size
+
+
+def _card(row: dict[str, Any], thumb: Thumbnail) -> str:
+    image, size = _thumb_html(row, thumb)
+    status = row.get("status") or "?"
     meta = (
         f'<div class="meta"><span class="badge st-{_e(status)}">{_e(status)}</span> '
         f"{_e(row['shard'])}/{_e(row['key'])}{_e(size)}</div>"
@@ -271,13 +277,8 @@ _PAIR_COLUMNS = "shard, key, status, reason, source_url, image_ext, image_sha256
 
 
 def _pair_side(row: dict[str, Any], thumb: Thumbnail, role: str) -> str:
-    if thumb.data_uri:
-        size = f'width="{thumb.width}" height="{thumb.height}"'
-        image = f'<img src="{thumb.data_uri}" {size} alt="{_e(row["key"])}">'
-    else:
-        image = f'<div class="noimg">{_e(thumb.problem)}</div>'
+    image, size = _thumb_html(row, thumb)
     status = row.get("status") or "?"
-    size = f" · {row['width']}×{row['height']}" if row.get("width") and row.get("height") else ""
     return (
         f'<div><div class="thumb">{image}</div><div class="meta">{_e(role)}: '
         f'<span class="badge st-{_e(status)}">{_e(status)}</span> {_e(row["shard"])}/{_e(row["key"])}'
