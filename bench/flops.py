@@ -16,10 +16,11 @@ itself.
 Model FLOPs count each product the outputs need once (``reuse=True``): an image's vision
 tower once per model; the keys and values of its cross-attention once per image (they do
 not depend on the text); a captioner's prompt prefilled once per image, before the
-captions part ways. Transformers' ``generate()`` with ``num_return_sequences`` and the ITM
-filter redo the last two per caption and per text; ``reuse=False`` counts that (hardware
-FLOPs), which is what the implementation runs and what the tests compare with torch's
-counter. A caption of ``g`` sampled tokens (its end token included) feeds ``g - 1`` of them
+captions part ways. Transformers' ``generate()`` with ``num_return_sequences`` (a BLIP
+captioner with ``fast_decoding: false``, or beam search) and the ITM filter redo the last
+two per caption and per text; ``reuse=False`` counts that (hardware FLOPs). ``executed`` is
+what the implementation runs, which the tests compare with torch's counter: the fast BLIP
+path (``curate.models.fast_caption``) runs the ``reuse=True`` count. A caption of ``g`` sampled tokens (its end token included) feeds ``g - 1`` of them
 back through the decoder and reads the LM head ``g - 1`` times after the prompt's one.
 
 Counted: BLIP captioner (``BlipForConditionalGeneration``), BLIP ITM
@@ -545,8 +546,9 @@ def pipeline_flops(
             lengths = _sequences(
                 c, caption_lengths(captions, tok, c.num_captions, c.max_new_tokens, c.min_new_tokens)
             )
+            fast = c.fast_decoding and c.decoding == "nucleus"  # HFCaptioner.fast
             counts["captioner"] = StageCount(
-                model.flops(lengths), n, *_stats(lengths, n), executed=model.flops(lengths, reuse=False)
+                model.flops(lengths), n, *_stats(lengths, n), executed=model.flops(lengths, reuse=fast)
             )
         elif kind == "curate-bridge-captioner":
             from curate.models.bridge import backbones

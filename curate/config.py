@@ -117,6 +117,9 @@ class CaptionerConfig(ModelConfig):
     repetition_penalty: float = 1.0
     prompt: str | None = None
     dedupe: bool = True
+    # BLIP nucleus sampling without transformers' generate() (curate.models.fast_caption):
+    # the same draws for the same seeds, each image encoded and its prompt prefilled once
+    fast_decoding: bool = True
 
     def _validate(self, prefix: str) -> None:
         super()._validate(prefix)

@@ -50,6 +50,7 @@ class GenerationSettings:
     repetition_penalty: float = CaptionerConfig.repetition_penalty
     prompt: str | None = CaptionerConfig.prompt
     dedupe: bool = CaptionerConfig.dedupe
+    fast_decoding: bool = CaptionerConfig.fast_decoding
 
 
 class Captioner(ABC):
@@ -132,10 +133,20 @@ def _hf_model_class(kind: str):
 
 
 class HFCaptioner(Captioner):
-    """A transformers captioner: its processor prepares the images, ``generate`` writes."""
+    """A transformers captioner: its processor prepares the images, ``generate`` writes.
+
+    BLIP's nucleus sampling goes through ``curate.models.fast_caption`` instead (the same
+    draws; ``fast_decoding: false`` keeps ``generate``)."""
 
     def _model_class(self, load: LoadOptions) -> Any:
-        return _hf_model_class(model_type(load, "captioner"))
+        self.kind = model_type(load, "captioner")
+        return _hf_model_class(self.kind)
+
+    @property
+    def fast(self) -> bool:
+        """Whether captions are written by the prefill-once loop rather than ``generate``."""
+        s = self.settings
+        return self.kind == "blip" and s.decoding == "nucleus" and s.fast_decoding
 
     def _from_pretrained(self, model_class: Any, load: LoadOptions) -> torch.nn.Module:
         import transformers
@@ -178,11 +189,34 @@ class HFCaptioner(Captioner):
         return kw
 
     def _generate(self, images: list[Image.Image], seeds: list[int] | None) -> list[list[str]]:
-        kw = self._generate_kwargs(seeds, len(images))
-        ids = self.model.generate(**self._inputs(images), **kw)
+        if self.fast:
+            ids = self._fast_generate(images, seeds)
+        else:
+            ids = self.model.generate(**self._inputs(images), **self._generate_kwargs(seeds, len(images)))
         texts = self.tokenizer.batch_decode(ids, skip_special_tokens=True)
         n = self.settings.num_captions
         return [texts[i * n : (i + 1) * n] for i in range(len(images))]
+
+    def _fast_generate(self, images: list[Image.Image], seeds: list[int] | None) -> list[list[int]]:
+        from curate.models.fast_caption import blip_prompt_ids, blip_sample
+
+        s = self.settings
+        pixels = self._inputs(images)["pixel_values"]
+        prompt = blip_prompt_ids(self.model, self.tokenizer, s.prompt)
+        tokens = blip_sample(
+            self.model,
+            pixels,
+            prompt,
+            s.num_captions,
+            s.max_new_tokens,
+            top_p=s.top_p,
+            temperature=s.temperature,
+            min_new_tokens=s.min_new_tokens,
+            repetition_penalty=s.repetition_penalty,
+            seeds=seeds,
+        )
+        # the prompt in front, as generate returns it, so both paths decode and clean alike
+        return [prompt.tolist() + row for row in tokens]
 
 
 class BridgeCaptioner(Captioner):

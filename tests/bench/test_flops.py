@@ -126,11 +126,16 @@ def test_decode_attends_to_the_positions_before_and_itself():
 # -- torch's counter on the real wrappers ------------------------------------------------------------
 
 
-def test_tiny_blip_and_clip_match_torch(tiny_models):
+@pytest.mark.parametrize("fast", [True, False], ids=["fast-captioner", "generate"])
+def test_tiny_blip_and_clip_match_torch(tiny_models, fast):
     """The counter, fed what a pipeline's model-only loop feeds it (the captions written, the texts
     scored, the stages' batch sizes), gives torch's count of the wrappers' own calls."""
     caption_cfg = CaptionerConfig(
-        model=str(tiny_models["captioner"]), num_captions=3, max_new_tokens=7, min_new_tokens=7
+        model=str(tiny_models["captioner"]),
+        num_captions=3,
+        max_new_tokens=7,
+        min_new_tokens=7,
+        fast_decoding=fast,
     )
     cfg = PipelineConfig(
         captioner=caption_cfg,
@@ -140,7 +145,9 @@ def test_tiny_blip_and_clip_match_torch(tiny_models):
     pics = images(3)
     alts = ["a red dog on a table", "", "cat"]
     # every caption runs its 7 steps (the end token is barred until then), so the count is exact
-    settings = GenerationSettings(num_captions=3, max_new_tokens=7, min_new_tokens=7, dedupe=False)
+    settings = GenerationSettings(
+        num_captions=3, max_new_tokens=7, min_new_tokens=7, dedupe=False, fast_decoding=fast
+    )
     captioner = open_captioner(LoadOptions(caption_cfg.model), settings, device="cpu")
     captions, caption_flops = run_counted(captioner, pics, seeds=range(len(pics)))
     got = {"captioner": caption_flops}
@@ -156,8 +163,10 @@ def test_tiny_blip_and_clip_match_torch(tiny_models):
     assert {k: c.executed for k, c in counts.items()} == got
     assert counts["captioner"].texts_per_sample == 3 and counts["captioner"].tokens_per_text == 7
     assert counts["filter"].texts_per_sample == pytest.approx(11 / 3)
-    # shared work counted once: less than what generate() and the ITM filter run, CLIP unchanged
-    assert counts["captioner"].flops < got["captioner"] and counts["filter"].flops < got["filter"]
+    # shared work counted once: what the fast captioner runs, less than generate() and the ITM
+    # filter run (they redo the prompt and the cross keys and values per caption and per text)
+    assert (counts["captioner"].flops == got["captioner"]) is fast
+    assert counts["captioner"].flops <= got["captioner"] and counts["filter"].flops < got["filter"]
     assert counts["ranker"].flops == got["ranker"]
 
 

@@ -1,0 +1,115 @@
+"""BLIP captioning without ``generate()``: each image encoded once, its prompt prefilled once.
+
+``BlipForConditionalGeneration.generate`` with ``num_return_sequences=N`` repeats every
+image's embeddings N times before the text decoder's first pass, so the cross-attention
+keys and values of all image tokens (577 for BLIP-large at 384 px, in every decoder layer)
+are computed N times; it keeps decoding rows that have finished until the longest one
+stops, sorts the whole vocabulary for top-p in every row at every step, and runs its
+logits-processor and stopping-criteria machinery around each step.
+
+:class:`BlipSteps` drives the same transformers modules (``vision_model`` and
+``text_decoder``, with transformers' own ``EncoderDecoderCache``) through
+:func:`curate.models.sampling.sample_rows`: the vision tower and the prompt's pass (which
+fills the cross-attention cache) run once per image, the cache is then repeated N times,
+finished rows leave the batch and the cache, and the nucleus is found among the top
+candidates. The draws invert the nucleus's distribution in token-id order at each row's
+own uniforms (``vocab_order``), as :class:`curate.models.sampling.SeededSampler` does inside
+``generate``, so for the same seeds this writes the captions ``generate`` writes (up to
+float rounding at a draw's boundary, which a batch of a different size can move).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from curate.models.sampling import _cache_keyword, sample_rows, seeded_uniforms
+
+
+class BlipSteps:
+    """A :class:`curate.models.sampling.StepModel` over BLIP's text decoder.
+
+    ``pixel_values`` (B, 3, H, W) are B images; ``prompt_ids`` (P,) the decoder's prompt,
+    starting with BLIP's [DEC] token, the same for every image (so no padding)."""
+
+    def __init__(self, model: Any, pixel_values: torch.Tensor, prompt_ids: torch.Tensor) -> None:
+        self.decoder = model.text_decoder
+        self.cache_kw = _cache_keyword(self.decoder)
+        self.image_embeds = model.vision_model(pixel_values=pixel_values)[0]
+        self.prompt = prompt_ids.to(self.image_embeds.device).expand(pixel_values.shape[0], -1)
+        self.cache: Any = None
+
+    def _forward(self, input_ids: torch.Tensor, **kw: Any) -> torch.Tensor:
+        # After the prefill the cross-attention layers read their keys and values from the
+        # cache (transformers marks each layer updated); the image embeddings passed on
+        # only tell the layers to attend, and their batch size is not read.
+        out = self.decoder(
+            input_ids=input_ids,
+            encoder_hidden_states=self.image_embeds,
+            use_cache=True,
+            is_decoder=True,
+            **{self.cache_kw: self.cache},
+            **kw,
+        )
+        self.cache = out.cache if hasattr(out, "cache") else out.past_key_values
+        return out.logits[:, -1]
+
+    def prefill(self) -> torch.Tensor:
+        return self._forward(self.prompt, logits_to_keep=1)
+
+    def repeat(self, n: int) -> None:
+        self.cache.batch_repeat_interleave(n)
+
+    def select(self, rows: torch.Tensor) -> None:
+        self.cache.batch_select_indices(rows)
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self._forward(tokens[:, None])
+
+
+def blip_prompt_ids(model: Any, tokenizer: Any, prompt: str | None) -> torch.Tensor:
+    """The decoder's prompt as ``BlipForConditionalGeneration.generate`` builds it: the
+    tokenised prompt with [CLS] replaced by the [DEC] token and the closing [SEP] dropped;
+    [DEC] alone without a prompt."""
+    bos = model.config.text_config.bos_token_id
+    if not prompt:
+        return torch.tensor([bos])
+    ids = tokenizer(prompt, return_tensors="pt")["input_ids"][0].clone()
+    ids[0] = bos
+    return ids[:-1]
+
+
+@torch.inference_mode()
+def blip_sample(
+    model: Any,
+    pixel_values: torch.Tensor,
+    prompt_ids: torch.Tensor,
+    num_captions: int,
+    max_new_tokens: int,
+    top_p: float = 0.9,
+    temperature: float = 1.0,
+    min_new_tokens: int = 0,
+    repetition_penalty: float = 1.0,
+    seeds: list[int] | None = None,
+) -> list[list[int]]:
+    """Token ids (without the prompt and the end token) of ``num_captions`` nucleus samples
+    per image, image-major, drawn at each image's ``seeds`` (:func:`seeded_uniforms`)."""
+    batch = pixel_values.shape[0]
+    steps = BlipSteps(model, pixel_values, prompt_ids)
+    uniforms = seeded_uniforms(seeds, num_captions, max_new_tokens, rows=batch * num_captions)
+    text = model.config.text_config
+    return sample_rows(
+        steps,
+        num_captions,
+        max_new_tokens,
+        text.sep_token_id,
+        top_p=top_p,
+        temperature=temperature,
+        min_new_tokens=min_new_tokens,
+        repetition_penalty=repetition_penalty,
+        uniforms=uniforms,
+        # transformers penalises the whole decoder input, the prompt included
+        history=steps.prompt.cpu(),
+        vocab_order=True,
+    )
