@@ -20,8 +20,9 @@ captions part ways. Transformers' ``generate()`` with ``num_return_sequences`` (
 captioner with ``fast_decoding: false``, or beam search) and the ITM filter redo the last
 two per caption and per text; ``reuse=False`` counts that (hardware FLOPs). ``executed`` is
 what the implementation runs, which the tests compare with torch's counter: the fast BLIP
-path (``curate.models.fast_caption``) runs the ``reuse=True`` count. A caption of ``g`` sampled tokens (its end token included) feeds ``g - 1`` of them
-back through the decoder and reads the LM head ``g - 1`` times after the prompt's one.
+path (``curate.models.fast_caption``) runs the ``reuse=True`` count. A caption of ``g``
+sampled tokens (its end token included) feeds ``g - 1`` of them back through the decoder
+and reads the LM head ``g - 1`` times after the prompt's one.
 
 Counted: BLIP captioner (``BlipForConditionalGeneration``), BLIP ITM
 (``BlipForImageTextRetrieval``), CLIP-style dual encoders (``CLIPModel``) and the bridge
