@@ -68,8 +68,9 @@ class ScorerResources(ModelResources):
 
 
 @dataclass
-class RewriterResources(ModelResources):
-    batch_size: int = 16  # prompts per generate call (transformers backend)
+class EngineResources(ModelResources):
+    """A section that can run on vLLM (``backend: vllm``): the engine's sizing besides the actor's."""
+
     # vLLM engine sizing (backend: vllm): one engine per actor, continuous batching within it
     tensor_parallel_size: int = 1
     gpu_memory_utilization: float = 0.9
@@ -84,6 +85,19 @@ class RewriterResources(ModelResources):
             raise ConfigError(
                 f"{prefix}.gpu_memory_utilization: must be in (0, 1], got {self.gpu_memory_utilization}"
             )
+
+    def _validate_engine(self, prefix: str, backend: str) -> None:
+        """``prefix``: the section's; each actor holds a whole tensor-parallel engine."""
+        if backend == "vllm" and 0 < self.num_gpus < self.tensor_parallel_size:
+            raise ConfigError(
+                f"{prefix}.resources.num_gpus: tensor_parallel_size={self.tensor_parallel_size} needs "
+                f"num_gpus >= {self.tensor_parallel_size} per actor, got {self.num_gpus}"
+            )
+
+
+@dataclass
+class RewriterResources(EngineResources):
+    batch_size: int = 16  # prompts per generate call (transformers backend)
 
 
 @dataclass
@@ -120,6 +134,11 @@ class CaptionerConfig(ModelConfig):
     # BLIP nucleus sampling without transformers' generate() (curate.models.fast_caption):
     # the same draws for the same seeds, each image encoded and its prompt prefilled once
     fast_decoding: bool = True
+    # vllm: any vLLM-supported image-text model, N captions per image in one request, each
+    # block in one call (continuous batching); the prompt goes into the model's chat template
+    backend: Literal["transformers", "vllm"] = "transformers"
+    max_model_len: int | None = None  # vLLM: prompt + image tokens + caption; null: the model's
+    resources: EngineResources = field(default_factory=EngineResources)
 
     def _validate(self, prefix: str) -> None:
         super()._validate(prefix)
@@ -129,6 +148,9 @@ class CaptionerConfig(ModelConfig):
             raise ConfigError(f"{prefix}.top_p: must be in (0, 1], got {self.top_p}")
         if self.temperature <= 0:
             raise ConfigError(f"{prefix}.temperature: must be > 0, got {self.temperature}")
+        if self.backend == "vllm" and self.decoding == "beam":
+            raise ConfigError(f"{prefix}.decoding: beam search runs on backend transformers only")
+        self.resources._validate_engine(prefix, self.backend)
         if self.decoding == "beam" and self.num_captions > self.num_beams:
             raise ConfigError(
                 f"{prefix}.num_beams: beam search returns at most num_beams captions; "
@@ -231,12 +253,7 @@ class RewriterConfig(ModelConfig):
             )
         for i, example in enumerate(self.examples):
             example._validate(f"{prefix}.examples[{i}]")
-        r = self.resources
-        if self.backend == "vllm" and 0 < r.num_gpus < r.tensor_parallel_size:
-            raise ConfigError(
-                f"{prefix}.resources.num_gpus: tensor_parallel_size={r.tensor_parallel_size} needs "
-                f"num_gpus >= {r.tensor_parallel_size} per actor, got {r.num_gpus}"
-            )
+        self.resources._validate_engine(prefix, self.backend)
 
 
 @dataclass

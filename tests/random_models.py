@@ -236,3 +236,72 @@ def build_aesthetic_head(
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(state, str(path))
     return path
+
+
+# BLIP-2 with an OPT language model (the architecture of Salesforce/blip2-opt-2.7b), tiny.
+VLM_WORDS = (
+    "<pad> <unk> <s> </s> <image> a an the of on with and in picture photo drawing cat dog bird "
+    "tree house flower red blue green small large sitting standing next to"
+).split()
+
+
+def build_tiny_blip2(directory: str | Path, seed: int = 0, head_dim: int = 64, query_tokens: int = 8) -> Path:
+    """A random tiny ``Blip2ForConditionalGeneration`` (ViT at 32 px in 8 px patches, a 2-layer
+    Q-Former with ``query_tokens`` queries, a 2-layer OPT with ``head_dim``) and its processor:
+    the kind of model both captioner backends serve, vLLM's included (``head_dim`` 64 suits
+    every vLLM attention backend)."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import (
+        Blip2Config,
+        Blip2ForConditionalGeneration,
+        Blip2Processor,
+        BlipImageProcessorPil,
+        OPTConfig,
+        PreTrainedTokenizerFast,
+    )
+
+    directory = Path(directory)
+    vocab = {t: i for i, t in enumerate(VLM_WORDS)}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=tk,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+    )
+    text = OPTConfig(
+        vocab_size=len(vocab),
+        hidden_size=2 * head_dim,
+        ffn_dim=4 * head_dim,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        word_embed_proj_dim=2 * head_dim,
+        max_position_embeddings=256,
+        bos_token_id=vocab["<s>"],
+        eos_token_id=vocab["</s>"],
+        pad_token_id=vocab["<pad>"],
+    )
+    vision = {
+        **transformer(64, 128, 2, 2),
+        "image_size": 32,
+        "patch_size": 8,
+        "initializer_range": 0.02,
+    }
+    qformer = {**transformer(64, 128, 2, 2), "encoder_hidden_size": 64, "cross_attention_frequency": 1}
+    config = Blip2Config(
+        vision_config=vision,
+        qformer_config=qformer,
+        text_config=text.to_dict(),
+        num_query_tokens=query_tokens,
+        image_token_index=vocab["<image>"],
+    )
+    torch.manual_seed(seed)
+    Blip2ForConditionalGeneration(config).save_pretrained(directory, safe_serialization=True)
+    image_processor = BlipImageProcessorPil(size={"height": 32, "width": 32})
+    Blip2Processor(
+        image_processor=image_processor, tokenizer=tok, num_query_tokens=query_tokens
+    ).save_pretrained(directory)
+    return directory

@@ -14,8 +14,8 @@ from curate.config import (
     CaptionerConfig,
     ConfigError,
     DecodeResources,
+    EngineResources,
     IngestResources,
-    ModelResources,
     PipelineConfig,
     ReadResources,
     RewriterResources,
@@ -187,7 +187,7 @@ def test_cuda_device_needs_gpus():
 FLAT_RESOURCES = [
     (section, name)
     for section, sub in [
-        ("captioner", ModelResources),
+        ("captioner", EngineResources),
         ("filter", ScorerResources),
         ("ranker", ScorerResources),
         ("rewriter", RewriterResources),

@@ -1,12 +1,14 @@
 """Captioner: an image-to-text model writes N captions per image.
 
 BLIP CapFilt samples with nucleus sampling (top-p 0.9) because diverse captions help;
-beam search is available for deterministic single captions. Two implementations share
+beam search is available for deterministic single captions. Three implementations share
 one call, ``captioner(images, seeds=...) -> one list of captions per image``, where each
 image's seed alone fixes its captions (whatever else is in the batch):
-:class:`HFCaptioner` (BLIP, BLIP-2, any transformers image-text-to-text model) and
-:class:`BridgeCaptioner` (the bootstrapped bridge, ``curate.models.bridge.captioner``).
-:func:`load_captioner` picks one from the model directory's ``model_type``.
+:class:`HFCaptioner` (BLIP, through ``curate.models.fast_caption``; BLIP-2 and any
+transformers image-text-to-text model through ``generate``), :class:`BridgeCaptioner` (the
+bootstrapped bridge, ``curate.models.bridge.captioner``) and, with ``backend: vllm``,
+``curate.models.vllm_caption.VLLMCaptioner`` (any vLLM-supported image-text model).
+:func:`load_captioner` picks one from the backend and the model directory's ``model_type``.
 """
 
 from __future__ import annotations
@@ -63,32 +65,8 @@ class Captioner(ABC):
 
     settings: GenerationSettings
     revision: str | None
-
-    def __init__(
-        self,
-        load: LoadOptions,
-        settings: GenerationSettings | None = None,
-        device: str = "auto",
-        dtype: str = "fp32",
-    ) -> None:
-        self.settings = settings or GenerationSettings()
-        self.device = resolve_device(device)
-        self.dtype = resolve_dtype(dtype, self.device)
-        model_class = self._model_class(load)
-        try:
-            model = self._from_pretrained(model_class, load)
-        except Exception as exc:
-            raise load_error("captioner", load, exc) from exc
-        self.model = move(model, self.device, self.dtype)
-        self.revision = model_revision(self.model)
-
-    @abstractmethod
-    def _model_class(self, load: LoadOptions) -> Any:
-        """The class that loads ``load.model`` (its own errors name what failed already)."""
-
-    @abstractmethod
-    def _from_pretrained(self, model_class: Any, load: LoadOptions) -> torch.nn.Module:
-        """The model as loaded, before ``move``; also keeps what it writes with (tokenizer, processor)."""
+    # the stage hands a whole block in one call (a vLLM engine batches it continuously)
+    whole_block: bool = False
 
     @torch.inference_mode()
     def __call__(self, images: list[Image.Image], seeds: Sequence[int] | None = None) -> list[list[str]]:
@@ -122,6 +100,36 @@ class Captioner(ABC):
         return out
 
 
+class TorchCaptioner(Captioner):
+    """A captioner whose torch model this process loads (transformers, or the bridge)."""
+
+    def __init__(
+        self,
+        load: LoadOptions,
+        settings: GenerationSettings | None = None,
+        device: str = "auto",
+        dtype: str = "fp32",
+    ) -> None:
+        self.settings = settings or GenerationSettings()
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
+        model_class = self._model_class(load)
+        try:
+            model = self._from_pretrained(model_class, load)
+        except Exception as exc:
+            raise load_error("captioner", load, exc) from exc
+        self.model = move(model, self.device, self.dtype)
+        self.revision = model_revision(self.model)
+
+    @abstractmethod
+    def _model_class(self, load: LoadOptions) -> Any:
+        """The class that loads ``load.model`` (its own errors name what failed already)."""
+
+    @abstractmethod
+    def _from_pretrained(self, model_class: Any, load: LoadOptions) -> torch.nn.Module:
+        """The model as loaded, before ``move``; also keeps what it writes with (tokenizer, processor)."""
+
+
 def _hf_model_class(kind: str):
     import transformers
 
@@ -132,7 +140,7 @@ def _hf_model_class(kind: str):
     return transformers.AutoModelForImageTextToText
 
 
-class HFCaptioner(Captioner):
+class HFCaptioner(TorchCaptioner):
     """A transformers captioner: its processor prepares the images, ``generate`` writes.
 
     BLIP's nucleus sampling goes through ``curate.models.fast_caption`` instead (the same
@@ -219,7 +227,7 @@ class HFCaptioner(Captioner):
         return [prompt.tolist() + row for row in tokens]
 
 
-class BridgeCaptioner(Captioner):
+class BridgeCaptioner(TorchCaptioner):
     """The bootstrapped bridge captioner; it brings its frozen LM's tokenizer and samples
     with ``curate.models.sampling`` (prefix prefilled once per image)."""
 
@@ -264,7 +272,14 @@ def open_captioner(
     return cls(load, settings, device=device, dtype=dtype)
 
 
-def load_captioner(cfg: CaptionerConfig) -> Captioner:
-    """The captioner a pipeline's ``captioner`` section describes."""
+def load_captioner(cfg: CaptionerConfig, seed: int = 0) -> Captioner:
+    """The captioner a pipeline's ``captioner`` section describes (``seed``: the vLLM engine's
+    own; each image's captions are drawn at the seed the stage gives it)."""
     settings = generation_settings(cfg)
+    if cfg.backend == "vllm":
+        from curate.models.vllm_caption import VLLMCaptioner
+        from curate.models.vllm_engine import VLLMEngineSettings
+
+        engine = VLLMEngineSettings.of(cfg.resources, cfg.max_model_len)
+        return VLLMCaptioner(LoadOptions.of(cfg), settings, engine, dtype=cfg.dtype, seed=seed)
     return open_captioner(LoadOptions.of(cfg), settings, device=cfg.resources.device, dtype=cfg.dtype)

@@ -25,6 +25,8 @@ import torch
 from curate.config import PACKAGED_PREFIX, RewriterConfig
 from curate.models.base import LoadOptions, load_error, model_revision, move, resolve_device, resolve_dtype
 from curate.models.sampling import seeded_sampling, seeded_uniforms
+from curate.models.vllm_engine import MissingExtraError as MissingExtraError  # re-exported
+from curate.models.vllm_engine import VLLMEngineSettings, import_vllm, open_llm
 
 log = logging.getLogger("curate.models")
 
@@ -36,12 +38,6 @@ def _smollm2_dir() -> Path:
 
 
 PACKAGED_MODELS: dict[str, Callable[[], Path]] = {"packaged:smollm2": _smollm2_dir}
-
-VLLM_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
-
-
-class MissingExtraError(ImportError):
-    """An optional dependency chosen in the pipeline file is not installed."""
 
 
 def resolve_model(name: str) -> str:
@@ -177,28 +173,6 @@ class Rewriter:
         return out  # type: ignore[return-value]
 
 
-@dataclass(frozen=True)
-class VLLMEngineSettings:
-    tensor_parallel_size: int = 1
-    gpu_memory_utilization: float = 0.9
-    max_num_seqs: int = 256
-    max_model_len: int | None = None
-    enforce_eager: bool = False
-
-
-def import_vllm():
-    """``import vllm`` on demand; a missing install names the extra to add."""
-    try:
-        import vllm
-    except ImportError as exc:
-        raise MissingExtraError(
-            "rewriter.backend 'vllm' needs vLLM, which is not installed here: "
-            "pip install 'curate[vllm]' on GPU machines (vLLM on PyPI is CUDA-only), "
-            "or use rewriter.backend: transformers"
-        ) from exc
-    return vllm
-
-
 class VLLMRewriter:
     """vLLM backend: one engine per actor; the whole block goes in one call (continuous batching)."""
 
@@ -210,30 +184,10 @@ class VLLMRewriter:
         dtype: str = "fp32",
         seed: int = 0,
     ) -> None:
-        self.vllm = import_vllm()
+        self.vllm = import_vllm("rewriter")
         self.settings = settings or RewriteSettings()
         engine = engine or VLLMEngineSettings()
-        if dtype not in VLLM_DTYPES:
-            raise ValueError(f"unknown dtype {dtype!r} (expected one of {sorted(VLLM_DTYPES)})")
-        kw = {
-            "model": resolve_model(load.model),
-            "revision": load.revision,
-            "trust_remote_code": load.trust_remote_code,
-            "tensor_parallel_size": engine.tensor_parallel_size,
-            "gpu_memory_utilization": engine.gpu_memory_utilization,
-            "max_num_seqs": engine.max_num_seqs,
-            "dtype": VLLM_DTYPES[dtype],
-            "seed": seed,
-            "enforce_eager": engine.enforce_eager,
-        }
-        if engine.max_model_len is not None:
-            kw["max_model_len"] = engine.max_model_len
-        if not load.allow_pickle_weights:
-            kw["load_format"] = "safetensors"
-        try:
-            self.llm = self.vllm.LLM(**kw)
-        except Exception as exc:
-            raise load_error("rewriter (vllm)", load, exc) from exc
+        self.llm = open_llm(self.vllm, resolve_model(load.model), load, engine, dtype, seed, "rewriter")
         self.revision = load.revision
 
     def _params(self, seed: int | None):
@@ -271,12 +225,6 @@ def load_rewriter(cfg: RewriterConfig, settings: RewriteSettings, seed: int = 0)
     ``rewriter(prompts, seeds=...) -> [Rewrite]``."""
     load, res = LoadOptions.of(cfg), cfg.resources
     if cfg.backend == "vllm":
-        engine = VLLMEngineSettings(
-            tensor_parallel_size=res.tensor_parallel_size,
-            gpu_memory_utilization=res.gpu_memory_utilization,
-            max_num_seqs=res.max_num_seqs,
-            max_model_len=cfg.max_model_len,
-            enforce_eager=res.enforce_eager,
-        )
+        engine = VLLMEngineSettings.of(res, cfg.max_model_len)
         return VLLMRewriter(load, settings, engine, dtype=cfg.dtype, seed=seed)
     return Rewriter(load, settings, device=res.device, dtype=cfg.dtype, batch_size=res.batch_size)

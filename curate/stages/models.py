@@ -102,11 +102,12 @@ class CaptionStage(_ModelStage):
         _quiet_transformers()
         self.seed = seed
         self.batch_size = cfg.resources.batch_size
-        self.model = load_captioner(cfg)
+        self.model = load_captioner(cfg, seed=seed)
 
     def process(self, rows: list[dict]) -> None:
-        for start in range(0, len(rows), self.batch_size):
-            chunk = rows[start : start + self.batch_size]
+        step = max(1, len(rows)) if self.model.whole_block else self.batch_size
+        for start in range(0, len(rows), step):
+            chunk = rows[start : start + step]
             seeds = [sample_seed(self.seed, self.name, r) for r in chunk]
             captions = self.model([row_image(r) for r in chunk], seeds=seeds)
             for row, texts in zip(chunk, captions):
