@@ -32,6 +32,7 @@ from curate.models.base import (
     resolve_device,
     resolve_dtype,
 )
+from curate.models.preprocess import pixel_values
 from curate.models.sampling import seeded_sampling, seeded_uniforms
 
 
@@ -209,7 +210,7 @@ class HFCaptioner(TorchCaptioner):
         from curate.models.fast_caption import blip_prompt_ids, blip_sample
 
         s = self.settings
-        pixels = self._inputs(images)["pixel_values"]
+        pixels = pixel_values(self.processor.image_processor, images, self.device, self.dtype)
         prompt = blip_prompt_ids(self.model, self.tokenizer, s.prompt)
         tokens = blip_sample(
             self.model,

@@ -12,6 +12,7 @@ from PIL import Image
 
 from curate.models import CLIP_SCORE
 from curate.models.base import LoadOptions, load_error, model_revision, move, resolve_device, resolve_dtype
+from curate.models.preprocess import pixel_values
 from curate.models.scorer import Embeddings, Scorer, Scores, split, split_rows
 
 
@@ -75,10 +76,8 @@ class ClipRanker(Scorer):
 
     @torch.inference_mode()
     def embed_images(self, images: list[Image.Image]) -> torch.Tensor:
-        pixel_values = self.image_processor(images=images, return_tensors="pt")["pixel_values"]
-        feats = _features(
-            self.model.get_image_features(pixel_values=pixel_values.to(self.device, self.dtype))
-        )
+        pixels = pixel_values(self.image_processor, images, self.device, self.dtype)
+        feats = _features(self.model.get_image_features(pixel_values=pixels))
         return torch.nn.functional.normalize(feats.float(), dim=-1)
 
     @torch.inference_mode()

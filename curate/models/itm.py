@@ -20,6 +20,7 @@ from curate.models.base import (
     resolve_device,
     resolve_dtype,
 )
+from curate.models.preprocess import pixel_values
 from curate.models.scorer import Scorer, Scores, split
 
 
@@ -61,9 +62,8 @@ class ITMFilter(Scorer):
 
     @torch.inference_mode()
     def _score(self, images: list[Image.Image], texts: list[list[str]]) -> Scores:
-        pixel_values = self.processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
-        pixel_values = pixel_values.to(self.device, self.dtype)
-        image_embeds = self.model.vision_model(pixel_values=pixel_values).last_hidden_state
+        pixels = pixel_values(self.processor.image_processor, images, self.device, self.dtype)
+        image_embeds = self.model.vision_model(pixel_values=pixels).last_hidden_state
         pairs = [(i, t) for i, ts in enumerate(texts) for t in ts]
         scores: list[float] = []
         for start in range(0, len(pairs), self.batch_size):
