@@ -22,7 +22,9 @@ SAMPLES=${SAMPLES:-256}
 NAIVE=${NAIVE:-32}
 INPUT=${INPUT:-data/openclipart/00000.tar}
 BUDGET_S=${BUDGET_S:-480}
-TUNE=${TUNE-"--set captioner.resources.concurrency=3 --set captioner.resources.num_gpus=0.25 --set filter.resources.num_gpus=0.125 --set ranker.resources.num_gpus=0.125
+# the first variant is the captioner on transformers' generate() (fast_decoding off): the before figure
+TUNE=${TUNE-"--set captioner.fast_decoding=false
+--set captioner.resources.concurrency=3 --set captioner.resources.num_gpus=0.25 --set filter.resources.num_gpus=0.125 --set ranker.resources.num_gpus=0.125
 --set captioner.resources.batch_size=128"}
 if compgen -G ".whl/*.whl" >/dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
