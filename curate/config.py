@@ -131,7 +131,7 @@ class CaptionerConfig(ModelConfig):
     repetition_penalty: float = 1.0
     prompt: str | None = None
     dedupe: bool = True
-    # BLIP nucleus sampling without transformers' generate() (curate.models.fast_caption):
+    # BLIP / BLIP-2 (OPT) nucleus sampling without transformers' generate() (fast_caption):
     # the same draws for the same seeds, each image encoded and its prompt prefilled once
     fast_decoding: bool = True
     # vllm: any vLLM-supported image-text model, N captions per image in one request, each

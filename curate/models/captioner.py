@@ -4,9 +4,10 @@ BLIP CapFilt samples with nucleus sampling (top-p 0.9) because diverse captions 
 beam search is available for deterministic single captions. Three implementations share
 one call, ``captioner(images, seeds=...) -> one list of captions per image``, where each
 image's seed alone fixes its captions (whatever else is in the batch):
-:class:`HFCaptioner` (BLIP, through ``curate.models.fast_caption``; BLIP-2 and any
-transformers image-text-to-text model through ``generate``), :class:`BridgeCaptioner` (the
-bootstrapped bridge, ``curate.models.bridge.captioner``) and, with ``backend: vllm``,
+:class:`HFCaptioner` (BLIP and BLIP-2 with OPT through ``curate.models.fast_caption``;
+beam search and any other transformers image-text-to-text model through ``generate``),
+:class:`BridgeCaptioner` (the bootstrapped bridge, ``curate.models.bridge.captioner``)
+and, with ``backend: vllm``,
 ``curate.models.vllm_caption.VLLMCaptioner`` (any vLLM-supported image-text model).
 :func:`load_captioner` picks one from the backend and the model directory's ``model_type``.
 """
@@ -144,8 +145,8 @@ def _hf_model_class(kind: str):
 class HFCaptioner(TorchCaptioner):
     """A transformers captioner: its processor prepares the images, ``generate`` writes.
 
-    BLIP's nucleus sampling goes through ``curate.models.fast_caption`` instead (the same
-    draws; ``fast_decoding: false`` keeps ``generate``)."""
+    BLIP's and BLIP-2's (OPT) nucleus sampling goes through ``curate.models.fast_caption``
+    instead (the same draws; ``fast_decoding: false`` keeps ``generate``)."""
 
     def _model_class(self, load: LoadOptions) -> Any:
         self.kind = model_type(load, "captioner")
@@ -155,7 +156,13 @@ class HFCaptioner(TorchCaptioner):
     def fast(self) -> bool:
         """Whether captions are written by the prefill-once loop rather than ``generate``."""
         s = self.settings
-        return self.kind == "blip" and s.decoding == "nucleus" and s.fast_decoding
+        if s.decoding != "nucleus" or not s.fast_decoding:
+            return False
+        if self.kind == "blip-2":
+            from curate.models.fast_caption import blip2_is_decoder_only
+
+            return blip2_is_decoder_only(self.model)
+        return self.kind == "blip"
 
     def _from_pretrained(self, model_class: Any, load: LoadOptions) -> torch.nn.Module:
         import transformers
@@ -207,25 +214,39 @@ class HFCaptioner(TorchCaptioner):
         return [texts[i * n : (i + 1) * n] for i in range(len(images))]
 
     def _fast_generate(self, images: list[Image.Image], seeds: list[int] | None) -> list[list[int]]:
-        from curate.models.fast_caption import blip_prompt_ids, blip_sample
+        from curate.models.fast_caption import blip2_sample, blip_prompt_ids, blip_sample
 
         s = self.settings
+        sampling = {
+            "top_p": s.top_p,
+            "temperature": s.temperature,
+            "min_new_tokens": s.min_new_tokens,
+            "repetition_penalty": s.repetition_penalty,
+            "seeds": seeds,
+        }
         pixels = pixel_values(self.processor.image_processor, images, self.device, self.dtype)
-        prompt = blip_prompt_ids(self.model, self.tokenizer, s.prompt)
-        tokens = blip_sample(
-            self.model,
-            pixels,
-            prompt,
-            s.num_captions,
-            s.max_new_tokens,
-            top_p=s.top_p,
-            temperature=s.temperature,
-            min_new_tokens=s.min_new_tokens,
-            repetition_penalty=s.repetition_penalty,
-            seeds=seeds,
-        )
+        if self.kind == "blip-2":
+            prompt = self._blip2_input_ids(len(images))
+            tokens = blip2_sample(self.model, pixels, prompt, s.num_captions, s.max_new_tokens, **sampling)
+            prompts = prompt.tolist()
+        else:
+            ids = blip_prompt_ids(self.model, self.tokenizer, s.prompt)
+            tokens = blip_sample(self.model, pixels, ids, s.num_captions, s.max_new_tokens, **sampling)
+            prompts = [ids.tolist()] * len(images)
         # the prompt in front, as generate returns it, so both paths decode and clean alike
-        return [prompt.tolist() + row for row in tokens]
+        n = s.num_captions
+        return [prompts[i // n] + row for i, row in enumerate(tokens)]
+
+    def _blip2_input_ids(self, batch: int) -> torch.Tensor:
+        """BLIP-2's language-model input ids as ``generate`` gets them: the processor's image
+        tokens and prompt, or (no prompt) the image tokens and BOS that ``generate`` makes."""
+        cfg = self.model.config
+        queries = torch.tensor([[cfg.image_token_index] * cfg.num_query_tokens])
+        if self.settings.prompt:  # as Blip2Processor: the image tokens before the tokenised prompt
+            text = self.tokenizer([self.settings.prompt], return_tensors="pt")["input_ids"]
+        else:
+            text = torch.tensor([[cfg.text_config.bos_token_id]])
+        return torch.cat([queries, text], dim=1).expand(batch, -1)
 
 
 class BridgeCaptioner(TorchCaptioner):

@@ -1,4 +1,4 @@
-"""BLIP captioning without ``generate()``: each image encoded once, its prompt prefilled once.
+"""BLIP and BLIP-2 captioning without ``generate()``: each image encoded once, its prompt prefilled once.
 
 ``BlipForConditionalGeneration.generate`` with ``num_return_sequences=N`` repeats every
 image's embeddings N times before the text decoder's first pass, so the cross-attention
@@ -16,6 +16,12 @@ candidates. The draws invert the nucleus's distribution in token-id order at eac
 own uniforms (``vocab_order``), as :class:`curate.models.sampling.SeededSampler` does inside
 ``generate``, so for the same seeds this writes the captions ``generate`` writes (up to
 float rounding at a draw's boundary, which a batch of a different size can move).
+
+BLIP-2 with a decoder-only language model (OPT) goes the same way through
+:func:`curate.models.sampling.sample_from_embeds`: :func:`blip2_sample` builds the language
+model's input embeddings as ``Blip2ForConditionalGeneration.generate`` does (the Q-Former's
+projected queries in place of the image tokens, then the prompt), once per image, and the
+prompt's cache is repeated N times instead of the whole prompt being prefilled N times.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from typing import Any
 
 import torch
 
-from curate.models.sampling import _cache_keyword, sample_rows, seeded_uniforms
+from curate.models.sampling import _cache_keyword, sample_from_embeds, sample_rows, seeded_uniforms
 
 
 class BlipSteps:
@@ -111,5 +117,56 @@ def blip_sample(
         uniforms=uniforms,
         # transformers penalises the whole decoder input, the prompt included
         history=steps.prompt.cpu(),
+        vocab_order=True,
+    )
+
+
+def blip2_is_decoder_only(model: Any) -> bool:
+    """Whether a BLIP-2's language model is a causal LM (OPT), which :func:`blip2_sample`
+    serves; a T5 one (an encoder-decoder) keeps ``generate``."""
+    return not getattr(model.language_model.config, "is_encoder_decoder", False)
+
+
+@torch.inference_mode()
+def blip2_sample(
+    model: Any,
+    pixel_values: torch.Tensor,
+    input_ids: torch.Tensor,
+    num_captions: int,
+    max_new_tokens: int,
+    top_p: float = 0.9,
+    temperature: float = 1.0,
+    min_new_tokens: int = 0,
+    repetition_penalty: float = 1.0,
+    seeds: list[int] | None = None,
+) -> list[list[int]]:
+    """Token ids of ``num_captions`` nucleus samples per image, image-major, without the
+    prompt and the end token. ``input_ids`` (B, P): the processor's, image tokens then the
+    prompt, the same length in every row."""
+    image_embeds = model.vision_model(pixel_values=pixel_values).last_hidden_state
+    queries = model.query_tokens.expand(image_embeds.shape[0], -1, -1)
+    query_output = model.qformer(query_embeds=queries, encoder_hidden_states=image_embeds).last_hidden_state
+    projected = model.language_projection(query_output.to(image_embeds.dtype))
+    input_ids = input_ids.to(image_embeds.device)
+    embeds = model.get_input_embeddings()(input_ids)
+    image_slots = (input_ids == model.config.image_token_id).unsqueeze(-1)
+    embeds = embeds.masked_scatter(image_slots, projected.to(embeds.dtype))
+    lm = model.language_model
+    eos = lm.generation_config.eos_token_id
+    if eos is None:
+        eos = model.config.text_config.eos_token_id
+    batch = pixel_values.shape[0]
+    return sample_from_embeds(
+        lm,
+        embeds,
+        num_captions,
+        max_new_tokens,
+        eos,
+        top_p=top_p,
+        temperature=temperature,
+        min_new_tokens=min_new_tokens,
+        repetition_penalty=repetition_penalty,
+        uniforms=seeded_uniforms(seeds, num_captions, max_new_tokens, rows=batch * num_captions),
+        history=input_ids.cpu(),
         vocab_order=True,
     )
