@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top-p", type=float, default=0.9)
     parser.add_argument("--logit-scale", type=float, default=30.0, help="output-layer weight factor")
     parser.add_argument("--repeats", type=int, default=2, help="best of this many timed passes")
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (a CPU actor's: 1)")
     parser.add_argument("--model", help="an existing BLIP captioner directory instead of the random one")
     args = parser.parse_args(argv)
     set_cpu_threads(args.threads)

@@ -222,19 +222,18 @@ class HFCaptioner(TorchCaptioner):
             "temperature": s.temperature,
             "min_new_tokens": s.min_new_tokens,
             "repetition_penalty": s.repetition_penalty,
-            "seeds": seeds,
         }
+        n = s.num_captions
         pixels = pixel_values(self.processor.image_processor, images, self.device, self.dtype)
         if self.kind == "blip-2":
             prompt = self._blip2_input_ids(len(images))
-            tokens = blip2_sample(self.model, pixels, prompt, s.num_captions, s.max_new_tokens, **sampling)
+            tokens = blip2_sample(self.model, pixels, prompt, n, s.max_new_tokens, seeds, **sampling)
             prompts = prompt.tolist()
         else:
             ids = blip_prompt_ids(self.model, self.tokenizer, s.prompt)
-            tokens = blip_sample(self.model, pixels, ids, s.num_captions, s.max_new_tokens, **sampling)
+            tokens = blip_sample(self.model, pixels, ids, n, s.max_new_tokens, seeds, **sampling)
             prompts = [ids.tolist()] * len(images)
         # the prompt in front, as generate returns it, so both paths decode and clean alike
-        n = s.num_captions
         return [prompts[i // n] + row for i, row in enumerate(tokens)]
 
     def _blip2_input_ids(self, batch: int) -> torch.Tensor:

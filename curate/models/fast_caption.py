@@ -93,14 +93,13 @@ def blip_sample(
     prompt_ids: torch.Tensor,
     num_captions: int,
     max_new_tokens: int,
-    top_p: float = 0.9,
-    temperature: float = 1.0,
-    min_new_tokens: int = 0,
-    repetition_penalty: float = 1.0,
     seeds: list[int] | None = None,
+    **sampling: float,
 ) -> list[list[int]]:
     """Token ids (without the prompt and the end token) of ``num_captions`` nucleus samples
-    per image, image-major, drawn at each image's ``seeds`` (:func:`seeded_uniforms`)."""
+    per image, image-major, drawn at each image's ``seeds`` (:func:`seeded_uniforms`).
+    ``sampling``: ``top_p``, ``temperature``, ``min_new_tokens``, ``repetition_penalty``, as
+    :func:`curate.models.sampling.sample_rows` takes them."""
     batch = pixel_values.shape[0]
     steps = BlipSteps(model, pixel_values, prompt_ids)
     uniforms = seeded_uniforms(seeds, num_captions, max_new_tokens, rows=batch * num_captions)
@@ -110,14 +109,11 @@ def blip_sample(
         num_captions,
         max_new_tokens,
         text.sep_token_id,
-        top_p=top_p,
-        temperature=temperature,
-        min_new_tokens=min_new_tokens,
-        repetition_penalty=repetition_penalty,
         uniforms=uniforms,
         # transformers penalises the whole decoder input, the prompt included
         history=steps.prompt.cpu(),
         vocab_order=True,
+        **sampling,  # type: ignore[arg-type]
     )
 
 
@@ -134,15 +130,12 @@ def blip2_sample(
     input_ids: torch.Tensor,
     num_captions: int,
     max_new_tokens: int,
-    top_p: float = 0.9,
-    temperature: float = 1.0,
-    min_new_tokens: int = 0,
-    repetition_penalty: float = 1.0,
     seeds: list[int] | None = None,
+    **sampling: float,
 ) -> list[list[int]]:
     """Token ids of ``num_captions`` nucleus samples per image, image-major, without the
     prompt and the end token. ``input_ids`` (B, P): the processor's, image tokens then the
-    prompt, the same length in every row."""
+    prompt, the same length in every row. ``seeds`` and ``sampling``: as :func:`blip_sample`."""
     image_embeds = model.vision_model(pixel_values=pixel_values).last_hidden_state
     queries = model.query_tokens.expand(image_embeds.shape[0], -1, -1)
     query_output = model.qformer(query_embeds=queries, encoder_hidden_states=image_embeds).last_hidden_state
@@ -162,11 +155,8 @@ def blip2_sample(
         num_captions,
         max_new_tokens,
         eos,
-        top_p=top_p,
-        temperature=temperature,
-        min_new_tokens=min_new_tokens,
-        repetition_penalty=repetition_penalty,
         uniforms=seeded_uniforms(seeds, num_captions, max_new_tokens, rows=batch * num_captions),
         history=input_ids.cpu(),
         vocab_order=True,
+        **sampling,  # type: ignore[arg-type]
     )
