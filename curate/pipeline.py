@@ -296,6 +296,9 @@ ADDED_FIELDS: dict[tuple[str, ...], Any] = {
     ("aesthetic",): None,
     ("output", "write_embeddings"): False,
     ("output", "embedding_dtype"): "float16",
+    ("captioner", "fast_decoding"): True,
+    ("captioner", "backend"): "transformers",
+    ("captioner", "max_model_len"): None,
 }
 
 

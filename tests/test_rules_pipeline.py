@@ -145,9 +145,16 @@ def test_rules_in_the_convert_path(ray_local, shard, tmp_path):
 
 
 def test_outputs_from_before_the_rules_still_resume():
-    """Fields added since (rules, the image classifiers, the aesthetic head, embeddings) are left
-    out of the fingerprint at their defaults: the demo's is the one its earlier outputs carry."""
+    """Fields added since (rules, the image classifiers, the aesthetic head, embeddings, the
+    captioner's decoder and backend) are left out of the fingerprint at their defaults: the
+    demo's is the one its earlier outputs carry."""
     demo = REPO / "pipelines" / "demo.yaml"
     assert config_fingerprint(load_pipeline(demo)) == "34cd88599e5a8e67"
-    for override in ("rules.min_side=200", "rules.alt_text.languages=[en]", "output.write_embeddings=true"):
+    for override in (
+        "rules.min_side=200",
+        "rules.alt_text.languages=[en]",
+        "output.write_embeddings=true",
+        "captioner.backend=vllm",
+        "captioner.fast_decoding=false",
+    ):
         assert config_fingerprint(load_pipeline(demo, [override])) != "34cd88599e5a8e67", override
