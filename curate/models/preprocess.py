@@ -139,8 +139,9 @@ def pixel_values(
     """The model's pixel values for ``images`` on ``device`` in ``dtype``: prepared on the device
     (``on_device``; default: when the device is CUDA and the processor can be followed), else by
     the processor."""
-    pre = device_preprocessor(image_processor) if on_device or on_device is None else None
-    if pre is not None and (on_device or device.type == "cuda"):
+    wanted = device.type == "cuda" if on_device is None else on_device
+    pre = device_preprocessor(image_processor) if wanted else None
+    if pre is not None:
         return pre(images, device, dtype)
     values = image_processor(images=images, return_tensors="pt")["pixel_values"]
     return values.to(device, dtype)
