@@ -80,10 +80,26 @@ class FilterHparams(Hyperparams):
     itc_weight: float = 1.0
     grad_clip: float = 1.0
     seed: int = 0
+    hub_k: int = 0  # hubness correction: nearest bank rows averaged (0: plain cosine)
+    hub_bank: int = 4096  # training rows in each hubness bank (at most the training set)
 
 
-def build_model(hp: FilterHparams):
-    """A freshly initialised bridge filter of ``hp``'s size (seed first for a fixed init)."""
+# what --init-from takes from the saved filter (its weights only fit this shape)
+ARCHITECTURE_FIELDS = (
+    "hidden_size",
+    "num_layers",
+    "num_heads",
+    "proj_dim",
+    "label_prior",
+    "label_temperature",
+    "image_resize",
+)
+
+
+def build_model(hp: FilterHparams, hub_bank: int = 0, init_from: str | Path | None = None):
+    """A bridge filter of ``hp``'s size, freshly initialised (seed first for a fixed init) or with
+    the weights of the saved filter ``init_from``; ``hub_bank`` rows per hubness bank when
+    ``hp.hub_k`` is set (the banks are filled after training)."""
     from curate.models.bridge import BridgeFilterConfig, BridgeFilterModel
 
     config = BridgeFilterConfig(
@@ -97,8 +113,47 @@ def build_model(hp: FilterHparams):
         label_prior=hp.label_prior,
         label_temperature=hp.label_temperature,
         image_resize=hp.image_resize,
+        hub_k=hp.hub_k,
+        hub_bank=hub_bank if hp.hub_k > 0 else 0,
     )
-    return BridgeFilterModel(config)
+    model = BridgeFilterModel(config)
+    if init_from is not None:
+        from safetensors.torch import load_file
+
+        state = load_file(str(Path(init_from) / "model.safetensors"))
+        # the banks belong to the data a filter was trained on: this run fills its own
+        state = {k: v.float() for k, v in state.items() if not k.startswith("hub_")}
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if unexpected or [k for k in missing if not k.startswith("hub_")]:
+            raise ValueError(f"--init-from {init_from}: weights do not fit ({missing + unexpected})")
+    return model
+
+
+def init_hparams(hp: FilterHparams, init_from: str | Path) -> FilterHparams:
+    """``hp`` with the architecture of the saved filter in ``init_from`` (its config.json wins)."""
+    from train.lib.models import saved_bridge_config
+
+    saved = saved_bridge_config(init_from, "curate-bridge-filter", "--init-from")
+    values = hp.to_dict()
+    values.update({k: saved[k] for k in ARCHITECTURE_FIELDS if k in saved})
+    return FilterHparams.from_dict(values)
+
+
+@torch.no_grad()
+def fill_hub_banks(model, feats, seed: int, device: torch.device | str = "cpu") -> int:
+    """The banks from ``hub_bank`` training rows drawn with ``seed``; returns the rows used."""
+    rows = torch.randperm(len(feats), generator=torch.Generator().manual_seed(seed))
+    rows = sorted(rows[: model.config.hub_bank].tolist())
+    was = model.training
+    model.eval()
+    images, texts = [], []
+    for start in range(0, len(rows), 256):
+        b = feats.batch(rows[start : start + 256], device)
+        images.append(model.image_itc(b["image_tokens"]))
+        texts.append(model.text_itc(b["text_pooled"]))
+    model.set_hub_banks(torch.cat(images), torch.cat(texts))
+    model.train(was)
+    return len(rows)
 
 
 def _batches(indices: list[int], batch_size: int) -> list[list[int]]:
@@ -139,9 +194,12 @@ def train_loop(config: dict) -> dict:
     # augmented views of the same samples (mirrored images): one is drawn per sample and step
     views = [train_feats] + [load_features(p) for p in config.get("train_view_features", [])]
     val_feats = load_features(config["val_features"]) if config.get("val_features") else None
+    # the hubness banks come from the training set, or from --hub-shards (a fine-tuning run's
+    # pre-training set: the banks then cover the domains the representation learnt)
+    bank_feats = load_features(config["hub_features"]) if config.get("hub_features") else train_feats
 
     seed_everything(hp.seed)
-    model = build_model(hp)
+    model = build_model(hp, min(hp.hub_bank, len(bank_feats)), config.get("init_from"))
     objective = FilterLoss(model, itm_weight=hp.itm_weight, itc_weight=hp.itc_weight)
     wrapped = prepare_model(objective, info)
     optimizer = torch.optim.AdamW(param_groups(objective, hp.weight_decay), lr=hp.lr, betas=(0.9, 0.98))
@@ -202,6 +260,12 @@ def train_loop(config: dict) -> dict:
         report({"epoch": epoch + 1, **metrics}, info)
 
     if info.is_main:
+        if hp.hub_k > 0:  # before the calibration: it fits the corrected evidence
+            metrics["hub_bank_rows"] = fill_hub_banks(model, bank_feats, hp.seed, info.device)
+            if val_feats is not None:
+                hub_val = filter_metrics(model, val_feats, hp.seed, info.device)
+                metrics.update({f"val_{k}": v for k, v in hub_val.items()})
+                logger.log(hp.epochs, "val_hub", hub_val)
         if val_feats is not None and config.get("calibrate", True):
             metrics.update(calibrate_itm(model, val_feats, hp.seed, info.device))
             logger.log(hp.epochs, "calibration", {k: metrics[k] for k in ("itm_scale", "itm_shift")})
@@ -330,6 +394,19 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--no-calibrate", dest="calibrate", action="store_false", help="skip the ITM calibration on val"
     )
+    parser.add_argument(
+        "--init-from",
+        default=None,
+        help="saved bridge filter to fine-tune (its architecture is used): BLIP's fine-tuning on human "
+        "pairs after pre-training on the bootstrapped set",
+    )
+    parser.add_argument(
+        "--hub-k", type=int, default=D.hub_k, help="hubness correction's nearest neighbours (0: plain cosine)"
+    )
+    parser.add_argument("--hub-bank", type=int, default=D.hub_bank, help="training rows in each hubness bank")
+    parser.add_argument(
+        "--hub-shards", default=None, help="shards whose pairs fill the hubness banks (default: --train's)"
+    )
     args = parser.parse_args(argv)
 
     from train.lib.data import list_shards, split_shards
@@ -337,6 +414,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     setup_logging()
     hp = FilterHparams.from_namespace(args)
+    if args.init_from:
+        hp = init_hparams(hp, args.init_from)
+        args.image_resize = hp.image_resize  # the features its weights were trained on
     run_dir = prepare_run_dir(args.run_dir, args.resume)
     start = time.perf_counter()
     train_shards = list_shards(args.train) if args.train else split_shards(args.data, "train")
@@ -352,6 +432,9 @@ def main(argv: list[str] | None = None) -> dict:
     if args.val != "none":
         val_shards = list_shards(args.val) if args.val else split_shards(args.data, "val")
         _, val_path = cached_features(val_shards, args.cache_dir, args.max_val_samples, **encode)
+    hub_path = None
+    if args.hub_shards and hp.hub_k > 0:
+        _, hub_path = cached_features(list_shards(args.hub_shards), args.cache_dir, None, **encode)
     features_s = time.perf_counter() - start
     config = {
         "hparams": hp.to_dict(),
@@ -362,6 +445,8 @@ def main(argv: list[str] | None = None) -> dict:
         "save_dtype": args.save_dtype,
         "resume": args.resume,
         "calibrate": args.calibrate,
+        "init_from": str(Path(args.init_from).resolve()) if args.init_from else None,
+        "hub_features": str(hub_path) if hub_path else None,
     }
     t0 = time.perf_counter()
     result = launch_from_args(train_loop, config, args, run_dir, "train_filter")

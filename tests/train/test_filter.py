@@ -287,6 +287,47 @@ def test_feature_cache_is_computed_once(tmp_path, shards, monkeypatch):
     assert again.positive_mask([0, 1]).tolist() == [[True, False], [False, True]]
 
 
+def test_hub_banks_of_zeros_leave_the_cosine_and_filled_ones_subtract_each_sides_hubness(tmp_path):
+    batch = random_batch(n=4)
+    plain = tiny_model(seed=2)
+    hub = tiny_model(seed=2, hub_k=2, hub_bank=3)
+    hub.load_state_dict(plain.state_dict(), strict=False)
+    with torch.no_grad():
+        image = hub.image_itc(batch["image_tokens"])
+        text = hub.text_itc(batch["text_pooled"])
+        # banks still zero (before set_hub_banks): the plain cosine, in ITC and in the ITM evidence
+        torch.testing.assert_close(hub.similarity_matrix(image, text), image @ text.t())
+        torch.testing.assert_close(hub(**batch)["itm_logits"], plain(**batch)["itm_logits"])
+        bank_images, bank_texts = image[1:], text[:3]
+        hub.set_hub_banks(bank_images, bank_texts)
+        # by hand: mean of each row's 2 largest cosines to the other side's bank
+        r_image = (image @ bank_texts.t()).topk(2, dim=1).values.mean(1)
+        r_text = (text @ bank_images.t()).topk(2, dim=1).values.mean(1)
+        expected = image @ text.t() - (r_image[:, None] + r_text[None, :]) / 2
+        torch.testing.assert_close(hub.similarity_matrix(image, text), expected)
+        torch.testing.assert_close(hub.pair_similarity(image, text), expected.diagonal())
+        # the ITM evidence moves by itc_gain times the correction, the head's own logit not at all
+        shift = hub(**batch)["itm_logits"] - plain(**batch)["itm_logits"]
+        torch.testing.assert_close(shift[:, 0], torch.zeros(4))
+        torch.testing.assert_close(shift[:, 1], hub.itc_gain * (expected.diagonal() - (image * text).sum(1)))
+    # the banks are saved with the weights and the raw-input scores use them
+    hub.save_pretrained(tmp_path)
+    loaded = BridgeFilterModel.from_pretrained(str(tmp_path), use_safetensors=True).eval()
+    torch.testing.assert_close(loaded.hub_texts, bank_texts)
+    images = [noise_image(40, 30, seed=1), noise_image(30, 50, seed=2)]
+    texts = [["a frog", "a dog"], ["tux"]]
+    tokens = loaded.encode_images(images)
+    pooled = loaded.encode_texts(["a frog", "a dog", "tux"])[2]
+    with torch.no_grad():
+        sim = loaded.similarity_matrix(loaded.image_itc(tokens), loaded.text_itc(pooled))
+    expected_scores = [float(sim[0, 0]), float(sim[0, 1]), float(sim[1, 2])]
+    assert flat(loaded.itc_scores(images, texts)) == pytest.approx(expected_scores, abs=1e-5)
+    with pytest.raises(ValueError, match="hub_bank"):
+        BridgeFilterModel(BridgeFilterConfig(**TINY, hub_k=4, hub_bank=2))
+    with pytest.raises(ValueError, match="hub_texts takes"):
+        loaded.set_hub_banks(bank_images, text)
+
+
 # -- training --------------------------------------------------------------------------------------
 
 
@@ -333,6 +374,42 @@ def test_seed_fixes_the_result_and_resume_continues(tmp_path, shards):
         (2, "calibration"),
     ]
     assert {"itm_auc", "i2t_r1", "t2i_r1", "loss"} <= set(lines[-2])
+
+
+def test_init_from_fine_tunes_a_saved_filter_and_hub_banks_come_from_the_training_set(tmp_path, shards):
+    from train.lib.evaluation import itc_similarity
+
+    _train(shards, tmp_path / "pre", "--workers", "0", "--epochs", "1", "--num-layers", "0")
+    pre = tmp_path / "pre" / "model"
+    # lr 0: the fine-tuned weights are the saved ones, architecture included (no --num-layers given)
+    _train(
+        shards, tmp_path / "ft", "--workers", "0", "--epochs", "1", "--init-from", str(pre), "--lr", "0",
+        "--no-calibrate", "--hub-k", "2", "--hub-bank", "100",
+    )  # fmt: skip
+    before, after = _weights(pre), _weights(tmp_path / "ft" / "model")
+    assert set(after) == set(before) | {"hub_images", "hub_texts"}
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    model = BridgeFilterModel.from_pretrained(str(tmp_path / "ft" / "model"), use_safetensors=True).eval()
+    assert model.config.num_layers == 0 and model.config.hub_k == 2
+    assert model.config.hub_bank == len(CAPTIONS)  # at most the training set
+    feats, _ = features.cached_features([str(shards["train"])], tmp_path, resize=model.config.image_resize)
+    b = feats.batch(list(range(len(feats))))
+    with torch.no_grad():  # the banks hold every training row's embeddings (six rows: all drawn)
+        torch.testing.assert_close(model.hub_images, model.image_itc(b["image_tokens"]), atol=2e-3, rtol=0)
+        torch.testing.assert_close(model.hub_texts, model.text_itc(b["text_pooled"]), atol=2e-3, rtol=0)
+    sim = itc_similarity(model, feats)
+    assert sim.shape == (6, 6) and not torch.allclose(sim.diagonal(), torch.ones(6))
+    # --hub-shards: the banks from other pairs (the four val ones here) than the training set's
+    _train(
+        shards, tmp_path / "ft2", "--workers", "0", "--epochs", "1", "--init-from", str(pre), "--lr", "0",
+        "--no-calibrate", "--hub-k", "2", "--hub-shards", str(shards["val"]),
+    )  # fmt: skip
+    other = BridgeFilterModel.from_pretrained(str(tmp_path / "ft2" / "model"), use_safetensors=True).eval()
+    assert other.config.hub_bank == 4
+    torch.testing.assert_close(other.hub_images, model.hub_images[:4], atol=2e-3, rtol=0)
+    not_a_bridge = str(tmp_path / "ft" / "checkpoints")
+    with pytest.raises(FileNotFoundError, match=r"--init-from .*checkpoints: expected a saved bridge"):
+        _train(shards, tmp_path / "bad", "--workers", "0", "--init-from", not_a_bridge)
 
 
 def test_calibration_is_an_affine_map_of_the_match_margin(tmp_path, shards):

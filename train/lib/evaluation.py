@@ -81,14 +81,14 @@ def itm_probabilities(
 def itc_similarity(
     model: torch.nn.Module, features: Features, device: torch.device | str = "cpu"
 ) -> torch.Tensor:
-    """(N images, N texts) cosine similarity of the ITC embeddings."""
+    """(N images, N texts) ITC similarity (the cosine, hubness-corrected where the filter is)."""
     all_rows = list(range(len(features)))
     img, txt = [], []
     for start in range(0, len(all_rows), 256):
         b = features.batch(all_rows[start : start + 256], device)
-        img.append(model.image_itc(b["image_tokens"]).float().cpu())
-        txt.append(model.text_itc(b["text_pooled"]).float().cpu())
-    return torch.cat(img) @ torch.cat(txt).t()
+        img.append(model.image_itc(b["image_tokens"]))
+        txt.append(model.text_itc(b["text_pooled"]))
+    return model.similarity_matrix(torch.cat(img), torch.cat(txt)).float().cpu()
 
 
 @torch.no_grad()

@@ -264,3 +264,14 @@ def save_pretrained(model: nn.Module, output: str | Path, *processors: Any, dtyp
         for processor in processors:
             processor.save_pretrained(tmp)
     return Path(output)
+
+
+def saved_bridge_config(path: str | Path, model_type: str, option: str) -> dict[str, Any]:
+    """The config.json of a saved bridge of ``model_type`` in ``path``; errors name ``option``."""
+    path = Path(path)
+    if not (path / "config.json").is_file() or not (path / "model.safetensors").is_file():
+        raise FileNotFoundError(f"{option} {path}: expected a saved bridge (config.json + model.safetensors)")
+    saved = json.loads((path / "config.json").read_text())
+    if saved.get("model_type") != model_type:
+        raise ValueError(f"{option} {path}: not a {model_type} (model_type {saved.get('model_type')!r})")
+    return saved

@@ -17,6 +17,13 @@ BLIP's filter at this machine's scale. Frozen EfficientNet-Lite0 gives 49 image 
   as a 50th image token. With ``proj_dim == text_dim`` the text adapter starts as the
   identity, so training starts from the zero-shot match and learns corrections: what
   lets a bridge trained on a few hundred captions generalise to unseen concepts.
+- Hubness correction (``hub_k > 0``): some texts sit close to every image and some images
+  to every text (hubs), so one threshold on the cosine keeps too much for them. As CSLS
+  does for cross-lingual retrieval, the similarity used for ITC scores and as the ITM
+  head's evidence is ``cos - (r_image + r_text) / 2``, where ``r`` is the mean cosine of the
+  ``hub_k`` nearest entries of a fixed bank of the other side's embeddings (``hub_images``,
+  ``hub_texts``: ``hub_bank`` rows of the training set's, set by ``set_hub_banks`` after
+  training and saved with the weights). Banks of zeros correct nothing.
 
 The frozen backbones are not submodules: they load from their registry packages
 (``backbones.py``), so ``save_pretrained`` writes only the trainable bridge (a few MB)
@@ -69,6 +76,8 @@ class BridgeFilterConfig(PretrainedConfig):
         itm_itc_prior: bool = True,
         itm_itc_gain: float = 5.0,
         itc_temperature: float = 0.07,
+        hub_k: int = 0,
+        hub_bank: int = 0,
         max_text_tokens: int = 48,
         image_size: int = backbones.IMAGE_SIZE,
         image_resize: str = "pad",
@@ -94,6 +103,8 @@ class BridgeFilterConfig(PretrainedConfig):
         self.itm_itc_prior = itm_itc_prior
         self.itm_itc_gain = itm_itc_gain
         self.itc_temperature = itc_temperature
+        self.hub_k = hub_k
+        self.hub_bank = hub_bank
         self.max_text_tokens = max_text_tokens
         self.image_size = image_size
         self.image_resize = image_resize
@@ -245,6 +256,13 @@ class BridgeFilterModel(PreTrainedModel):
         self.logit_scale = nn.Parameter(torch.tensor(0.0))
         # the ITC cosine as evidence for the match logit (learned gain): see itm_logits
         self.itc_gain = nn.Parameter(torch.tensor(0.0)) if config.itm_itc_prior else None
+        if (config.hub_k > 0) != (config.hub_bank > 0) or config.hub_k > config.hub_bank:
+            raise ValueError(
+                f"hub_k {config.hub_k} needs a hub_bank of at least that many rows, got {config.hub_bank}"
+            )
+        if config.hub_bank > 0:  # the hubness correction's banks: filled by set_hub_banks, saved
+            self.register_buffer("hub_images", torch.zeros(config.hub_bank, config.proj_dim))
+            self.register_buffer("hub_texts", torch.zeros(config.hub_bank, config.proj_dim))
         self.post_init()
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -272,8 +290,9 @@ class BridgeFilterModel(PreTrainedModel):
 
         Text n is paired with image ``image_index[n]`` (default: n, so I == N): each image
         is projected once however many texts are scored against it. With ``itm_itc_prior``
-        the match logit also gets ``itc_gain * cos(ITC image, ITC text)``: the fusion layers
-        learn what the contrastive similarity misses instead of relearning what it has.
+        the match logit also gets ``itc_gain`` times the ITC similarity (``pair_similarity``):
+        the fusion layers learn what the contrastive similarity misses instead of relearning
+        what it has.
         """
         dtype = self.image_pos.dtype
         image_tokens = image_tokens.to(dtype)
@@ -294,8 +313,8 @@ class BridgeFilterModel(PreTrainedModel):
         image_feat = self.image_itc(image_tokens)
         if image_index is not None:
             image_feat = image_feat.index_select(0, image_index)
-        cos = (image_feat * self.text_itc(pooled)).sum(-1)
-        return logits + torch.stack([torch.zeros_like(cos), self.itc_gain * cos], dim=-1)
+        sim = self.pair_similarity(image_feat, self.text_itc(pooled))
+        return logits + torch.stack([torch.zeros_like(sim), self.itc_gain * sim], dim=-1)
 
     def _frozen_prior(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
         # frozen tensors from the backbone packages, kept off the module's state (never saved)
@@ -326,6 +345,38 @@ class BridgeFilterModel(PreTrainedModel):
     def text_itc(self, text_pooled: torch.Tensor) -> torch.Tensor:
         """Mean-pooled MiniLM (B, 384) -> (B, proj_dim), unit norm."""
         return F.normalize(self.text_itc_proj(text_pooled.to(self.image_pos.dtype)), dim=-1)
+
+    # -- the similarity: cosine, less each side's hubness ------------------------------------------
+
+    def _hub(self, feat: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
+        """(B, proj_dim) -> (B,): mean cosine of the ``hub_k`` nearest bank rows."""
+        return (feat @ bank.to(feat.dtype).t()).topk(self.config.hub_k, dim=-1).values.mean(-1)
+
+    def pair_similarity(self, image_feat: torch.Tensor, text_feat: torch.Tensor) -> torch.Tensor:
+        """Unit ITC embeddings of N pairs (N, proj_dim) each -> (N,) similarity (see module doc)."""
+        cos = (image_feat * text_feat).sum(-1)
+        if self.config.hub_k <= 0:
+            return cos
+        return cos - (self._hub(image_feat, self.hub_texts) + self._hub(text_feat, self.hub_images)) / 2
+
+    def similarity_matrix(self, image_feat: torch.Tensor, text_feat: torch.Tensor) -> torch.Tensor:
+        """Unit ITC embeddings (I, proj_dim), (T, proj_dim) -> (I, T) similarity of every pair."""
+        sim = image_feat @ text_feat.t()
+        if self.config.hub_k <= 0:
+            return sim
+        hub_i, hub_t = self._hub(image_feat, self.hub_texts), self._hub(text_feat, self.hub_images)
+        return sim - (hub_i[:, None] + hub_t[None, :]) / 2
+
+    @torch.no_grad()
+    def set_hub_banks(self, image_feat: torch.Tensor, text_feat: torch.Tensor) -> None:
+        """Fill the banks with ``hub_bank`` rows of unit ITC embeddings (a training set's)."""
+        if self.config.hub_bank <= 0:
+            raise ValueError("this filter has no hubness banks (hub_bank is 0)")
+        for name, feat in (("hub_images", image_feat), ("hub_texts", text_feat)):
+            bank = getattr(self, name)
+            if feat.shape != bank.shape:
+                raise ValueError(f"{name} takes {tuple(bank.shape)} embeddings, got {tuple(feat.shape)}")
+            bank.copy_(feat)
 
     def forward(
         self,
@@ -420,7 +471,8 @@ class BridgeFilterModel(PreTrainedModel):
                 _place(itm_flat, positions, torch.softmax(logits, dim=-1)[:, 1].tolist())
             if itc:
                 text_feat = self.text_itc(pooled).float()
-                _place(itc_flat, positions, (image_feat.index_select(0, idx) * text_feat).sum(-1).tolist())
+                sim = self.pair_similarity(image_feat.index_select(0, idx), text_feat)
+                _place(itc_flat, positions, sim.tolist())
                 if text_feats is not None:
                     text_feats[torch.tensor(positions, device=self._device)] = text_feat
         scores = (
