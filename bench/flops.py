@@ -280,6 +280,7 @@ class BridgeCaptioner:
     lm: Tower
     lm_vocab: int
     prompt_tokens: int  # [BOS] + text prompt, around the soft prompt
+    itc_tokens: int = 0  # soft-prompt tokens of an ITC prefix (its two small matmuls left out)
 
     def per_image(self) -> int:
         d = self.qformer.width
@@ -287,11 +288,12 @@ class BridgeCaptioner:
         out = self.image_flops + linear(self.image_tokens, self.image_dim, d)
         out += self.qformer.forward(n, self.image_tokens) + self.qformer.cross_kv(self.image_tokens)
         out += linear(n, d, self.lm.width)
-        return out + self.lm.forward(n + self.prompt_tokens) + linear(1, self.lm.width, self.lm_vocab)
+        prefix = n + self.itc_tokens + self.prompt_tokens
+        return out + self.lm.forward(prefix) + linear(1, self.lm.width, self.lm_vocab)
 
     def flops(self, captions: Sequence[Sequence[int]]) -> int:
         images, _ = _per_image(captions)
-        prefix = self.queries + self.prompt_tokens
+        prefix = self.queries + self.itc_tokens + self.prompt_tokens
         total = images * self.per_image()
         for per_image in captions:
             for g in per_image:
@@ -419,9 +421,8 @@ def bridge_captioner(cfg: dict, lm_cfg: Any, prompt_tokens: int) -> BridgeCaptio
     image, tokens, dim = efficientnet_flops(cfg.get("image_encoder", "efficientnet-lite0"))
     d = cfg["hidden_size"]
     qformer = Tower(cfg["num_layers"], d, d * cfg["mlp_ratio"], d, d, cross_width=d)
-    return BridgeCaptioner(
-        image, tokens, dim, qformer, cfg["num_queries"], Tower.of(lm_cfg), lm_cfg.vocab_size, prompt_tokens
-    )
+    lm, vocab, itc = Tower.of(lm_cfg), lm_cfg.vocab_size, cfg.get("itc_prefix_tokens", 0)
+    return BridgeCaptioner(image, tokens, dim, qformer, cfg["num_queries"], lm, vocab, prompt_tokens, itc)
 
 
 def bridge_filter(cfg: dict, text_cfg: Any) -> BridgeFilter:

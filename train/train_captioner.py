@@ -57,7 +57,7 @@ from train.lib.launch import (
     worker_info,
 )
 from train.lib.metrics import MetricsLogger
-from train.lib.models import save_pretrained
+from train.lib.models import save_pretrained, saved_bridge_config
 from train.lib.optim import autocast, warmup_cosine
 
 log = logging.getLogger("train.captioner")
@@ -74,6 +74,8 @@ class CaptionerHparams(Hyperparams):
     prompt: str = "A picture of"
     max_caption_tokens: int = 24
     language_model: str | None = None  # None: the packaged SmolLM2-135M-Instruct
+    image_resize: str = "crop"  # how images are squared (an ITC prefix needs its filter's: see main)
+    itc_prefix_tokens: int = 0  # soft-prompt tokens from a held filter's ITC embedding (--itc-from)
     # optimisation
     epochs: int = 6
     batch_size: int = 8  # global: split across workers; small batches, more updates per LM pass
@@ -89,8 +91,9 @@ class CaptionerHparams(Hyperparams):
     max_new_tokens: int = 20
 
 
-def build_model(hp: CaptionerHparams):
-    """A fresh bridge captioner (weights from torch's current RNG state)."""
+def build_model(hp: CaptionerHparams, itc_filter: dict | None = None):
+    """A fresh bridge captioner (weights from torch's current RNG state); ``itc_filter``: the
+    config of the filter an ITC prefix holds (its weights are loaded separately)."""
     from curate.models.bridge import BridgeCaptionerConfig, BridgeCaptionerModel
 
     config = BridgeCaptionerConfig(
@@ -102,6 +105,9 @@ def build_model(hp: CaptionerHparams):
         dropout=hp.dropout,
         prompt=hp.prompt,
         max_caption_tokens=hp.max_caption_tokens,
+        image_resize=hp.image_resize,
+        itc_prefix_tokens=hp.itc_prefix_tokens,
+        itc_filter=itc_filter if hp.itc_prefix_tokens > 0 else None,
     )
     if hp.language_model is not None:  # the projection must land in this LM's embedding space
         config.lm_hidden_size = _lm_hidden_size(hp.language_model)
@@ -122,23 +128,23 @@ ARCHITECTURE_FIELDS = (
     "prompt",
     "max_caption_tokens",
     "language_model",
+    "image_resize",
+    "itc_prefix_tokens",
 )
 
 
 def init_hparams(hp: CaptionerHparams, init_from: str | Path) -> CaptionerHparams:
     """``hp`` with the architecture of the saved bridge in ``init_from`` (its config.json wins)."""
-    path = Path(init_from)
-    if not (path / "config.json").is_file() or not (path / "model.safetensors").is_file():
-        raise FileNotFoundError(
-            f"--init-from {path}: expected a saved bridge (config.json + model.safetensors)"
-        )
-    saved = json.loads((path / "config.json").read_text())
-    if saved.get("model_type") != "curate-bridge-captioner":
-        kind = saved.get("model_type")
-        raise ValueError(f"--init-from {path}: not a bridge captioner (model_type {kind!r})")
+    saved = saved_bridge_config(init_from, "curate-bridge-captioner", "--init-from")
     values = hp.to_dict()
     values.update({k: saved[k] for k in ARCHITECTURE_FIELDS if k in saved})
     return CaptionerHparams.from_dict(values)
+
+
+def itc_filter_source(filter_dir: str | Path) -> tuple[dict, str]:
+    """(config dict, image_resize) of the saved bridge filter an ITC prefix will hold."""
+    saved = saved_bridge_config(filter_dir, "curate-bridge-filter", "--itc-from")
+    return saved, saved.get("image_resize", "crop")
 
 
 def load_bridge_weights(model, init_from: str | Path) -> None:
@@ -201,9 +207,13 @@ def train_loop(config: dict) -> dict:
     val_feats = load_features(config["val_features"]) if config.get("val_features") else None
 
     seed_everything(hp.seed)
-    model = build_model(hp)
+    model = build_model(hp, config.get("itc_filter"))
     if config.get("init_from"):
         load_bridge_weights(model, config["init_from"])
+    elif config.get("itc_from"):
+        from safetensors.torch import load_file
+
+        model.load_itc_filter(load_file(str(Path(config["itc_from"]) / "model.safetensors")))
     bare = model
     bare.language_model()  # load the frozen LM before DDP wraps the bridge
     model = prepare_model(model, info)
@@ -314,6 +324,12 @@ def main(argv: list[str] | None = None) -> dict:
         default=None,
         help="saved bridge to fine-tune from (its architecture is used), e.g. the seed captioner",
     )
+    add(
+        "--itc-from",
+        default=None,
+        help="saved bridge filter whose ITC image embedding becomes --itc-prefix-tokens more soft-prompt "
+        "tokens (BLIP-2: the bridge learns matching before generation); images are squared as it does",
+    )
     # compute, run dir
     add_launch_args(parser, run_dir_help="checkpoints, metrics.jsonl, Ray (default .cache/runs/NAME)")
     # hyperparameters
@@ -326,6 +342,18 @@ def main(argv: list[str] | None = None) -> dict:
     add("--prompt", default=defaults.prompt, help="fixed text after the soft prompt")
     add("--max-caption-tokens", type=int, default=defaults.max_caption_tokens, help="caption cut (with EOS)")
     add("--language-model", default=None, help="frozen LM directory (default: SmolLM2)")
+    add(
+        "--itc-prefix-tokens",
+        type=int,
+        default=None,
+        help="soft-prompt tokens from the --itc-from filter (default 4 with --itc-from, else 0)",
+    )
+    add(
+        "--image-resize",
+        choices=["crop", "pad"],
+        default=None,
+        help="square images by centre crop or white padding (default: the --itc-from filter's, else crop)",
+    )
     add("--epochs", type=int, default=defaults.epochs, help="passes over the training set")
     add("--batch-size", type=int, default=defaults.batch_size, help="global batch size")
     add("--lr", type=float, default=defaults.lr, help="peak AdamW learning rate")
@@ -348,9 +376,25 @@ def main(argv: list[str] | None = None) -> dict:
     from train.lib.data import list_shards, split_shards
     from train.lib.features import cached_features
 
+    itc_filter = None
+    if args.itc_from:
+        if args.init_from:
+            parser.error("--itc-from starts a new ITC prefix; --init-from brings its own filter: pass one")
+        itc_filter, resize = itc_filter_source(args.itc_from)
+        if args.image_resize not in (None, resize):
+            parser.error(f"--image-resize {args.image_resize}: the --itc-from filter squares by {resize}")
+        args.image_resize = resize
+        args.itc_prefix_tokens = 4 if args.itc_prefix_tokens is None else args.itc_prefix_tokens
+        if args.itc_prefix_tokens < 1:
+            parser.error("--itc-from needs --itc-prefix-tokens of at least 1")
+    elif args.itc_prefix_tokens:
+        parser.error("--itc-prefix-tokens needs --itc-from (the filter whose embedding it reads)")
+    args.image_resize = args.image_resize or "crop"
+    args.itc_prefix_tokens = args.itc_prefix_tokens or 0
     hp = CaptionerHparams.from_namespace(args)
     if args.init_from:
         hp = init_hparams(hp, args.init_from)
+        itc_filter = json.loads((Path(args.init_from) / "config.json").read_text()).get("itc_filter")
     if args.train_shards:
         train_shards = list_shards(args.train_shards)
     else:
@@ -361,6 +405,7 @@ def main(argv: list[str] | None = None) -> dict:
         cache_dir=args.cache_dir,
         max_samples=args.max_train_samples,
         caption_source=args.caption_source,
+        resize=hp.image_resize,
     )
     val_path = None
     if not args.no_val:
@@ -370,6 +415,7 @@ def main(argv: list[str] | None = None) -> dict:
             cache_dir=args.cache_dir,
             max_samples=args.max_val_samples,
             caption_source=args.caption_source,
+            resize=hp.image_resize,
         )
     run_dir = prepare_run_dir(args.run_dir or Path(".cache") / "runs" / Path(args.output).name, args.resume)
     config = {
@@ -380,6 +426,8 @@ def main(argv: list[str] | None = None) -> dict:
         "resume": args.resume,
         "save_dtype": args.save_dtype,
         "init_from": str(Path(args.init_from).resolve()) if args.init_from else None,
+        "itc_from": str(Path(args.itc_from).resolve()) if args.itc_from else None,
+        "itc_filter": itc_filter,
     }
     started = time.perf_counter()
     launch_from_args(train_loop, config, args, run_dir, "captioner")

@@ -192,6 +192,61 @@ def test_wrong_language_model_width_fails_loudly(tiny_lm):
         model.language_model()
 
 
+def saved_filter(path: Path, seed: int = 5, **overrides) -> Path:
+    """A tiny bridge filter (random weights) saved as train_filter saves one."""
+    from curate.models.bridge import BridgeFilterConfig, BridgeFilterModel
+
+    torch.manual_seed(seed)
+    config = BridgeFilterConfig(hidden_size=16, num_layers=0, num_heads=2, **overrides)
+    BridgeFilterModel(config).save_pretrained(path)
+    return path
+
+
+def itc_model(tiny_lm: Path, filter_dir: Path, tokens: int = 2) -> BridgeCaptionerModel:
+    from safetensors.torch import load_file
+
+    config = json.loads((filter_dir / "config.json").read_text())
+    model = tiny_model(tiny_lm, image_resize="pad", itc_prefix_tokens=tokens, itc_filter=config)
+    model.load_itc_filter(load_file(str(filter_dir / "model.safetensors")))
+    return model
+
+
+def test_itc_prefix_adds_the_held_filters_embedding_as_soft_prompt_tokens(tiny_lm, tmp_path):
+    from curate.models.bridge import BridgeFilterModel
+
+    filter_dir = saved_filter(tmp_path / "filter")
+    model = itc_model(tiny_lm, filter_dir).train()
+    held = BridgeFilterModel.from_pretrained(str(filter_dir), use_safetensors=True).eval()
+    assert not model.itc.training  # frozen: no dropout while the bridge trains
+    feats = features(3)
+    soft = model.eval().bridge(feats)
+    assert soft.shape == (3, 4 + 2, 32)  # the queries' tokens, then the ITC prefix's
+    with torch.no_grad():
+        expected = model.itc_proj(held.image_itc(feats)).view(3, 2, 32)
+    torch.testing.assert_close(soft[:, 4:], expected)
+
+    # a training step moves the bridge and the prefix's MLP, never the held filter
+    model.train()
+    before = {k: v.clone() for k, v in model.itc.state_dict().items()}
+    ids, mask = model.tokenize_captions(CAPTIONS[:3])
+    model(feats, ids, mask).loss.backward()
+    assert all(p.grad is None for p in model.itc.parameters())
+    assert all(p.grad is not None for n, p in model.named_parameters() if not n.startswith("itc."))
+    torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1).step()
+    assert all(torch.equal(v, before[k]) for k, v in model.itc.state_dict().items())
+
+    # saved with the filter's weights inside; loads and captions the same
+    model.eval().save_pretrained(tmp_path / "cap")
+    loaded = BridgeCaptionerModel.from_pretrained(str(tmp_path / "cap"), use_safetensors=True).eval()
+    torch.testing.assert_close(loaded.bridge(feats), model.bridge(feats))
+    kw = dict(num_captions=2, max_new_tokens=4, seed=1)
+    assert loaded.generate_captions(feats, **kw) == model.generate_captions(feats, **kw)
+    with pytest.raises(ValueError, match="squares images by 'crop', its ITC filter by 'pad'"):
+        tiny_model(tiny_lm, itc_prefix_tokens=2, itc_filter=loaded.config.itc_filter)
+    with pytest.raises(ValueError, match="needs itc_filter"):
+        tiny_model(tiny_lm, image_resize="pad", itc_prefix_tokens=2)
+
+
 # -- pipeline wrapper ------------------------------------------------------------------------------
 
 
@@ -323,6 +378,38 @@ def test_init_from_starts_at_the_saved_bridge_and_keeps_its_architecture(shards,
 
     with pytest.raises(FileNotFoundError, match=r"--init-from .*nowhere"):
         main(train_args(shards, tiny_lm, tmp_path, "bad", *common, "--init-from", str(tmp_path / "nowhere")))
+
+
+def test_itc_from_trains_a_captioner_holding_the_filter_on_its_image_features(shards, tiny_lm, tmp_path):
+    from safetensors.torch import load_file
+
+    from train.train_captioner import main
+
+    filter_dir = saved_filter(tmp_path / "filter")
+    common = ("--workers", "0", "--save-dtype", "fp32", "--epochs", "1")
+    main(train_args(shards, tiny_lm, tmp_path, "itc", *common, "--itc-from", str(filter_dir)))
+    config = json.loads((tmp_path / "itc" / "config.json").read_text())
+    assert config["itc_prefix_tokens"] == 4 and config["image_resize"] == "pad"  # the filter's
+    assert config["itc_filter"]["model_type"] == "curate-bridge-filter"
+    saved, held = saved_weights(tmp_path / "itc"), load_file(str(filter_dir / "model.safetensors"))
+    assert all(torch.equal(saved[f"itc.{k}"], v) for k, v in held.items())  # held, not trained
+    # the features it trained on were the filter's (padded) ones: the cache holds those alone
+    from train.lib.features import cache_key
+
+    padded = {cache_key([str(shards[s])], None, 224, 48, 512, "pad") for s in ("train", "val")}
+    assert {p.stem.removeprefix("features-") for p in (tmp_path / "features").glob("*.safetensors")} == padded
+
+    # fine-tuning it keeps the held filter (it comes with the saved captioner)
+    main(train_args(shards, tiny_lm, tmp_path, "itc2", *common, "--init-from", str(tmp_path / "itc")))
+    again = saved_weights(tmp_path / "itc2")
+    assert all(torch.equal(again[f"itc.{k}"], v) for k, v in held.items())
+    itc = ("--itc-from", str(filter_dir))
+    with pytest.raises(SystemExit):  # a filter squares images by pad: crop contradicts it
+        main(train_args(shards, tiny_lm, tmp_path, "x", *common, *itc, "--image-resize", "crop"))
+    with pytest.raises(SystemExit):
+        main(train_args(shards, tiny_lm, tmp_path, "x", *common, "--itc-prefix-tokens", "2"))
+    with pytest.raises(ValueError, match="not a curate-bridge-filter"):
+        main(train_args(shards, tiny_lm, tmp_path, "x", *common, "--itc-from", str(tmp_path / "itc")))
 
 
 def test_caption_source_trains_on_one_kind_of_kept_caption(tmp_path):

@@ -195,8 +195,10 @@ def evaluate_captioner(
     from train.lib.features import cached_features
 
     torch.manual_seed(seed)
-    feats, _ = cached_features(list_shards(shards), cache_dir=cache_dir, max_samples=max_samples)
     model = load_captioner(captioner_dir, device)
+    feats, _ = cached_features(
+        list_shards(shards), cache_dir=cache_dir, max_samples=max_samples, resize=model.config.image_resize
+    )
     candidates = caption_features(model, feats.image_tokens, batch_size, num_beams, max_new_tokens)
     references = [[c] for c in feats.captions]
     result: dict = score_captions(candidates, references)

@@ -9,6 +9,13 @@ caption tokens, so only the bridge is saved: ``model.safetensors`` holds a few M
 the frozen LM (SmolLM2-135M-Instruct by default) and image encoder come from their
 registry packages. The LM is loaded lazily on first use, outside the module tree, so
 ``state_dict``/``save_pretrained``/DDP see the bridge alone.
+
+BLIP-2 trains its Q-Former for image-text matching before it connects it to the LM.
+``itc_prefix_tokens > 0`` does the same with a bootstrapped filter: the filter
+(``curate.models.bridge.filter``, its config in ``itc_filter``) is held inside, frozen, and
+its ITC image embedding, which lives in the text encoder's space and was trained on many
+more pairs than a captioner sees, goes through a small trained MLP into that many more
+soft-prompt tokens after the queries'. The filter's weights are saved with the bridge's.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ from transformers import PretrainedConfig, PreTrainedModel
 from transformers.utils import ModelOutput
 
 from curate.models.bridge import backbones
+from curate.models.bridge.filter import BridgeFilterConfig, BridgeFilterModel
 from curate.models.sampling import sample_from_embeds, seeded_uniforms
 
 ARTICLES = ("a", "an", "the")
@@ -56,6 +64,9 @@ class BridgeCaptionerConfig(PretrainedConfig):
         dropout: float = 0.1,
         prompt: str = "A picture of",
         max_caption_tokens: int = 24,
+        image_resize: str = "crop",
+        itc_prefix_tokens: int = 0,
+        itc_filter: dict | None = None,
         **kwargs: Any,
     ) -> None:
         self.language_model = language_model
@@ -71,6 +82,11 @@ class BridgeCaptionerConfig(PretrainedConfig):
         self.dropout = dropout
         self.prompt = prompt
         self.max_caption_tokens = max_caption_tokens
+        # how images are squared for the encoder (backbones.preprocess_images); with an ITC
+        # prefix it must be the filter's own
+        self.image_resize = image_resize
+        self.itc_prefix_tokens = itc_prefix_tokens
+        self.itc_filter = itc_filter
         super().__init__(**kwargs)
 
 
@@ -124,6 +140,19 @@ class QFormerLayer(nn.Module):
         return queries + self.drop(self.mlp(self.norm_mlp(queries)))
 
 
+def itc_filter_config(config: BridgeCaptionerConfig) -> BridgeFilterConfig:
+    """The held filter's config; refuses a captioner whose images are squared unlike the filter's."""
+    if not config.itc_filter:
+        raise ValueError("itc_prefix_tokens > 0 needs itc_filter: the config of the filter it holds")
+    filter_config = BridgeFilterConfig.from_dict(config.itc_filter)
+    if filter_config.image_resize != config.image_resize:
+        raise ValueError(
+            f"the captioner squares images by {config.image_resize!r}, its ITC filter by "
+            f"{filter_config.image_resize!r}: they must share the image features"
+        )
+    return filter_config
+
+
 @functools.cache
 def _load_language_model(path: str | None):
     """(frozen causal LM, tokenizer); the packaged SmolLM2 when ``path`` is None."""
@@ -170,6 +199,18 @@ class BridgeCaptionerModel(PreTrainedModel):
         self.layers = nn.ModuleList(layer() for _ in range(config.num_layers))
         self.out_norm = nn.LayerNorm(d)
         self.out_proj = nn.Linear(d, config.lm_hidden_size)
+        self.itc: BridgeFilterModel | None = None
+        if config.itc_prefix_tokens > 0:
+            filter_config = itc_filter_config(config)
+            self.itc = BridgeFilterModel(filter_config)
+            self.itc.requires_grad_(False)
+            self.itc_proj = nn.Sequential(
+                nn.LayerNorm(filter_config.proj_dim),
+                nn.Linear(filter_config.proj_dim, d),
+                nn.GELU(),
+                nn.Dropout(config.dropout),
+                nn.Linear(d, config.itc_prefix_tokens * config.lm_hidden_size),
+            )
         # a tuple is not registered as a submodule: the frozen LM stays out of state_dict and DDP
         self._frozen: tuple[Any, Any] | None = None
         self.post_init()
@@ -185,6 +226,19 @@ class BridgeCaptionerModel(PreTrainedModel):
         elif isinstance(module, BridgeCaptionerModel):
             nn.init.normal_(module.image_pos, std=0.02)
             nn.init.normal_(module.queries, std=0.02)
+
+    def train(self, mode: bool = True) -> BridgeCaptionerModel:
+        super().train(mode)
+        if self.itc is not None:
+            self.itc.eval()  # frozen: no dropout in the filter while the bridge trains
+        return self
+
+    def load_itc_filter(self, state: dict[str, torch.Tensor]) -> None:
+        """The held filter's weights (a saved bridge filter's ``model.safetensors``)."""
+        if self.itc is None:
+            raise ValueError("this captioner has no ITC prefix (itc_prefix_tokens is 0)")
+        own = self.itc.state_dict()
+        self.itc.load_state_dict({k: v.to(own[k].dtype) if k in own else v for k, v in state.items()})
 
     # -- frozen parts --------------------------------------------------------------------------
 
@@ -206,7 +260,8 @@ class BridgeCaptionerModel(PreTrainedModel):
 
     def encode_images(self, images: list[Image.Image]) -> torch.Tensor:
         """PIL images -> (B, 49, image_dim) tokens of the frozen image encoder, in the bridge's dtype."""
-        pixels = backbones.preprocess_images(images).to(self.out_proj.weight.device)
+        pixels = backbones.preprocess_images(images, resize=self.config.image_resize)
+        pixels = pixels.to(self.out_proj.weight.device)
         return backbones.encode_images(pixels).to(self.out_proj.weight.dtype)
 
     def prompt_ids(self, prompt: str | None = None) -> tuple[list[int], list[int]]:
@@ -220,13 +275,19 @@ class BridgeCaptionerModel(PreTrainedModel):
     # -- bridge ------------------------------------------------------------------------------
 
     def bridge(self, image_features: torch.Tensor) -> torch.Tensor:
-        """(B, 49, image_dim) -> (B, num_queries, lm_hidden): the soft prompt."""
+        """(B, 49, image_dim) -> (B, num_queries + itc_prefix_tokens, lm_hidden): the soft prompt."""
         x = image_features.to(self.out_proj.weight.dtype)
         image = self.image_proj(self.image_norm(x)) + self.image_pos
         queries = self.queries.expand(x.shape[0], -1, -1)
         for layer in self.layers:
             queries = layer(queries, image)
-        return self.out_proj(self.out_norm(queries))
+        soft = self.out_proj(self.out_norm(queries))
+        if self.itc is None:
+            return soft
+        with torch.no_grad():
+            embedding = self.itc.image_itc(x)
+        extra = self.itc_proj(embedding).view(x.shape[0], self.config.itc_prefix_tokens, -1)
+        return torch.cat([soft, extra], dim=1)
 
     def _prefix_embeds(self, image_features: torch.Tensor, prompt: str | None = None) -> torch.Tensor:
         """[BOS] [soft prompt] [text prompt] as LM input embeddings."""
