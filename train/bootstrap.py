@@ -3,18 +3,24 @@
 Round 0 is the committed pair (``pipelines/models/bridge-filter``, ``bridge-captioner``,
 trained on the human tuxpaint captions). Round r >= 1:
 
-1. ``capfilt``: ``curate run pipelines/capfilt_cpu.yaml`` over a spread subset of the
-   openclipart web set (``--per-shard`` samples of each shard, ``train.lib.websubset``)
-   with round r-1's captioner and filter: one nucleus-sampled synthetic caption per image,
-   and the filter drops every text, alt-text and synthetic alike, it scores as unmatched;
+1. ``capfilt``: ``curate run pipelines/capfilt_cpu.yaml`` over the openclipart web set (all
+   of it, or ``--per-shard`` samples of each shard, ``train.lib.websubset``) with round r-1's
+   captioner and filter: one nucleus-sampled synthetic caption per image, and the filter
+   drops every text, alt-text and synthetic alike, whose P(match) is under
+   ``--itm-threshold``;
 2. ``pairs``: the bootstrapped set as BLIP builds it: human pairs (tuxpaint train) +
    filtered web pairs + filtered synthetic pairs, each kept (image, text) one sample
    (``train.lib.bootstrap.write_pairs``), in ``WORK/roundR/train/``;
-3. ``filter``: ``python -m train.train_filter`` on that set (validated and calibrated on
-   tuxpaint val);
-4. ``captioner``: ``python -m train.train_captioner`` on the human pairs plus the kept
-   texts of ``--captioner-sources``, fine-tuned from round r-1's captioner (``--captioner-init
-   previous``) or from scratch (``fresh``);
+3. ``filter``: BLIP pre-trains on the bootstrapped set and fine-tunes on human pairs.
+   ``python -m train.train_filter`` on the bootstrapped set (``filter-pre``), then
+   ``--init-from`` it on the human pairs alone for ``--filter-finetune-epochs`` with the
+   hubness correction's banks drawn from the bootstrapped set (``filter``; validated and
+   calibrated on tuxpaint val);
+4. ``captioner``: ``python -m train.train_captioner`` on the human pairs plus the kept texts
+   of ``--captioner-sources``: by default (``--captioner-init itc``) a fresh bridge that holds
+   this round's filter and reads its ITC image embedding (BLIP-2: the bridge learns matching
+   before generation), or fine-tuned from round r-1's captioner (``previous``), or from
+   scratch without the filter (``fresh``);
 5. ``eval``: the filter's ITM/ITC AUC and retrieval on tuxpaint test and on every
    ``--heldout`` set (never trained on), the captioner's CIDEr-D on tuxpaint test with the
    paired-bootstrap standard error of its difference to round 0.
@@ -25,7 +31,8 @@ the step's directory to redo it; ``curate run`` also resumes a cut curation per 
 ``WORK/results.md`` and ``WORK/results.json`` hold one table: each round's models, data
 sizes and scores.
 
-CPU, this machine (the default ``--per-shard 80`` curates 560 web images a round):
+CPU, this machine (about 75 minutes a round over all 6,842 openclipart images; ``--per-shard
+80`` curates 560 of them for a quick round):
 
     python -m train.bootstrap --web data/openclipart-all --tuxpaint data/tuxpaint \\
         --heldout data/emoji --work out/bootstrap --rounds 1        # or: make bootstrap
@@ -71,6 +78,7 @@ def capfilt(
             "--set",
             f"filter.model={filter_dir.resolve()}",
         ]
+        cmd += ["--set", f"policy.itm_threshold={args.itm_threshold}"]
         cmd += [a for s in args.set for a in ("--set", s)]
         started = time.perf_counter()
         run(cmd)
@@ -114,8 +122,15 @@ def train_shards(train_dir: Path, sources: list[str]) -> list[str]:
     return sorted(str(p) for p in train_dir.glob("*.tar") if p.name.split("-", 1)[0] in prefixes)
 
 
+def _train_filter_cmd(args: argparse.Namespace, train: Path | str, out: Path, run_dir: Path) -> list[str]:
+    cmd = [sys.executable, "-m", "train.train_filter", "--data", str(args.tuxpaint), "--train", str(train)]
+    cmd += ["--workers", "0", "--device", args.device, "--save-dtype", "fp16"]
+    return [*cmd, "--output", str(out), "--run-dir", str(run_dir)]
+
+
 def train_filter(args: argparse.Namespace, train_dir: Path, out: Path, run_dir: Path) -> None:
-    """Step 3: the round's filter on its bootstrapped set (tuxpaint val for validation and calibration)."""
+    """Step 3: the round's filter: pre-trained on its bootstrapped set, fine-tuned on the human
+    pairs (tuxpaint val for validation and calibration)."""
     if (out / "model.safetensors").exists():
         return
     shards = train_shards(train_dir, args.filter_sources)
@@ -125,16 +140,29 @@ def train_filter(args: argparse.Namespace, train_dir: Path, out: Path, run_dir: 
         old.unlink()
     for shard in shards:
         (select / Path(shard).name).symlink_to(Path(shard).resolve())
-    cmd = [sys.executable, "-m", "train.train_filter", "--data", str(args.tuxpaint), "--train", str(select)]
-    cmd += ["--workers", "0", "--device", args.device, "--save-dtype", "fp16"]
-    cmd += ["--output", str(out), "--run-dir", str(run_dir), *shlex.split(args.filter_args)]
-    run(cmd)
+    hub = ["--hub-k", str(args.hub_k), "--hub-shards", str(select)] if args.hub_k > 0 else []
+    if args.filter_finetune_epochs <= 0:  # one stage: the bootstrapped set alone
+        run([*_train_filter_cmd(args, select, out, run_dir), *hub, *shlex.split(args.filter_args)])
+        return
+    pre = out.parent / f"{out.name}-pre"
+    if not (pre / "model.safetensors").exists():
+        cmd = _train_filter_cmd(args, select, pre, run_dir.parent / f"{run_dir.name}-pre")
+        run([*cmd, "--no-calibrate", *shlex.split(args.filter_args)])
+    human = train_dir / "_human"  # the fine-tuning set: the human pairs alone
+    human.mkdir(exist_ok=True)
+    for shard in train_shards(train_dir, []):
+        if not (human / Path(shard).name).exists():
+            (human / Path(shard).name).symlink_to(Path(shard).resolve())
+    cmd = _train_filter_cmd(args, human, out, run_dir)
+    cmd += ["--init-from", str(pre), "--epochs", str(args.filter_finetune_epochs), *hub]
+    run([*cmd, *shlex.split(args.filter_finetune_args)])
 
 
 def train_captioner(
-    args: argparse.Namespace, train_dir: Path, out: Path, run_dir: Path, previous: Path
+    args: argparse.Namespace, train_dir: Path, out: Path, run_dir: Path, previous: Path, filter_dir: Path
 ) -> None:
-    """Step 4: the round's captioner on human pairs + the kept texts of ``--captioner-sources``."""
+    """Step 4: the round's captioner on human pairs + the kept texts of ``--captioner-sources``
+    (``--captioner-init itc``: holding this round's filter ``filter_dir``)."""
     if (out / "model.safetensors").exists():
         return
     cmd = [sys.executable, "-m", "train.train_captioner", "--data-root", str(args.tuxpaint)]
@@ -151,6 +179,8 @@ def train_captioner(
     ]
     if args.captioner_init == "previous":
         cmd += ["--init-from", str(previous)]
+    elif args.captioner_init == "itc":
+        cmd += ["--itc-from", str(filter_dir)]
     cmd += ["--output", str(out), "--run-dir", str(run_dir), *shlex.split(args.captioner_args)]
     run(cmd)
 
@@ -232,7 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     ap.add_argument("--web", default="data/openclipart-all", help="the web shards to curate (dir, glob)")
-    ap.add_argument("--per-shard", type=int, default=80, help="web samples curated per web shard (0: all)")
+    ap.add_argument("--per-shard", type=int, default=0, help="web samples curated per web shard (0: all)")
     ap.add_argument("--tuxpaint", default="data/tuxpaint", help="human-captioned root with train/ val/ test/")
     ap.add_argument(
         "--heldout",
@@ -244,6 +274,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--rounds", type=int, default=1, help="bootstrap rounds after round 0")
     ap.add_argument("--pipeline", default="pipelines/capfilt_cpu.yaml", help="the CapFilt pipeline file")
     ap.add_argument("--set", action="append", default=[], help="more curate run --set overrides")
+    ap.add_argument(
+        "--itm-threshold", type=float, default=0.2,
+        help="CapFilt keeps a text whose P(match) reaches this (lenient: the set is for training)",
+    )  # fmt: skip
     ap.add_argument("--filter", default="pipelines/models/bridge-filter", help="round 0 filter")
     ap.add_argument("--captioner", default="pipelines/models/bridge-captioner", help="round 0 captioner")
     ap.add_argument(
@@ -251,18 +285,30 @@ def build_parser() -> argparse.ArgumentParser:
         help="kept texts the filter trains on beside the human pairs",
     )  # fmt: skip
     ap.add_argument(
-        "--captioner-sources", nargs="*", default=["alt", "synthetic"], choices=["alt", "synthetic"],
-        help="kept texts the captioner trains on beside the human pairs",
+        "--captioner-sources", nargs="*", default=[], choices=["alt", "synthetic"],
+        help="kept texts the captioner trains on beside the human pairs (default: none)",
     )  # fmt: skip
-    ap.add_argument("--captioner-epochs", type=int, default=2, help="captioner epochs per round")
+    ap.add_argument("--captioner-epochs", type=int, default=6, help="captioner epochs per round")
     ap.add_argument(
-        "--captioner-init", choices=["previous", "fresh"], default="previous",
-        help="fine-tune the previous round's captioner, or train one from scratch",
+        "--captioner-init", choices=["itc", "previous", "fresh"], default="itc",
+        help="a fresh bridge holding the round's filter (itc), the previous round's captioner "
+        "fine-tuned, or a fresh bridge without the filter",
     )  # fmt: skip
-    ap.add_argument("--filter-args", default="", help="extra train_filter options (one string)")
     ap.add_argument(
-        "--captioner-args", default="--lr 1e-3", help="extra train_captioner options (one string)"
-    )
+        "--filter-args", default="--num-layers 0",
+        help="extra train_filter options for the bootstrapped set (one string; fusion layers overfit "
+        "noisy web pairs, so none by default)",
+    )  # fmt: skip
+    ap.add_argument(
+        "--filter-finetune-epochs", type=int, default=4,
+        help="epochs of the filter's fine-tuning on the human pairs (0: the bootstrapped set alone)",
+    )  # fmt: skip
+    ap.add_argument(
+        "--filter-finetune-args", default="--lr 3e-4 --weight-decay 0",
+        help="extra train_filter options of the fine-tuning (one string)",
+    )  # fmt: skip
+    ap.add_argument("--hub-k", type=int, default=10, help="the filter's hubness correction (0: plain cosine)")
+    ap.add_argument("--captioner-args", default="", help="extra train_captioner options (one string)")
     ap.add_argument("--device", choices=["cpu", "cuda", "auto"], default="cpu")
     return ap
 
@@ -281,7 +327,9 @@ def main(argv: list[str] | None = None) -> int:
     filter_dir, captioner_dir = Path(args.filter), Path(args.captioner)
     base = evaluate(args, filter_dir, captioner_dir, work / "round0" / "eval.json")
     rows = [table_row(0, base, None, base, heldout)]
-    web = write_subset(list_shards(args.web), args.per_shard, work / "web") if args.rounds > 0 else []
+    web: list = list_shards(args.web)  # all of it, or a spread subset (written once, byte-stable)
+    if args.per_shard > 0 and args.rounds > 0:
+        web = write_subset(web, args.per_shard, work / "web")
     for r in range(1, args.rounds + 1):
         rd = work / f"round{r}"
         status = capfilt(args, web, rd / "capfilt", filter_dir, captioner_dir)
@@ -289,7 +337,9 @@ def main(argv: list[str] | None = None) -> int:
         data = pairs(args, rd / "capfilt", rd / "train")
         log.info("round %d bootstrapped set: %s", r, json.dumps(data))
         train_filter(args, rd / "train", rd / "filter", rd / "runs" / "filter")
-        train_captioner(args, rd / "train", rd / "captioner", rd / "runs" / "captioner", captioner_dir)
+        train_captioner(
+            args, rd / "train", rd / "captioner", rd / "runs" / "captioner", captioner_dir, rd / "filter"
+        )
         filter_dir, captioner_dir = rd / "filter", rd / "captioner"
         ev = evaluate(args, filter_dir, captioner_dir, rd / "eval.json")
         rows.append({**table_row(r, ev, data, base, heldout), "capfilt": status})

@@ -138,3 +138,53 @@ def test_a_finished_capfilt_step_is_not_rerun(tmp_path: Path) -> None:
         "status": {"kept": 5},
         "seconds": 1.0,
     }
+
+
+def test_the_filter_step_pre_trains_on_the_bootstrapped_set_then_fine_tunes_on_human_pairs(
+    tmp_path: Path, monkeypatch
+) -> None:
+    write_curated(tmp_path / "tux" / "train" / "00000.tar")
+    curated = tmp_path / "round1" / "capfilt"
+    write_curated(curated / "shards" / "00000.tar")
+    args = bootstrap.build_parser().parse_args(["--tuxpaint", str(tmp_path / "tux")])
+    train_dir = tmp_path / "round1" / "train"
+    bootstrap.pairs(args, curated, train_dir)
+    commands: list[list[str]] = []
+
+    def fake_run(cmd: list[str]) -> None:  # records the command and leaves the model it would save
+        commands.append(cmd)
+        out = Path(cmd[cmd.index("--output") + 1])
+        out.mkdir(parents=True)
+        (out / "model.safetensors").write_bytes(b"")
+
+    monkeypatch.setattr(bootstrap, "run", fake_run)
+    out, runs = tmp_path / "round1" / "filter", tmp_path / "round1" / "runs" / "filter"
+    bootstrap.train_filter(args, train_dir, out, runs)
+    pre, fine = commands
+
+    def opt(cmd: list[str], name: str) -> str:
+        return cmd[cmd.index(name) + 1]
+
+    # stage 1: every pair of the bootstrapped set, no fusion layers, not calibrated
+    assert sorted(p.name for p in Path(opt(pre, "--train")).iterdir()) == [
+        "alt-00000.tar", "human-00000.tar", "synthetic-00000.tar",
+    ]  # fmt: skip
+    assert opt(pre, "--output") == str(out.parent / "filter-pre") and "--no-calibrate" in pre
+    assert opt(pre, "--num-layers") == "0"
+    # stage 2: from stage 1, on the human pairs alone, the hubness banks from the whole set
+    assert [p.name for p in Path(opt(fine, "--train")).iterdir()] == ["human-00000.tar"]
+    assert opt(fine, "--init-from") == str(out.parent / "filter-pre") and opt(fine, "--output") == str(out)
+    assert opt(fine, "--epochs") == "4" and opt(fine, "--weight-decay") == "0"
+    assert opt(fine, "--hub-k") == "10" and opt(fine, "--hub-shards") == opt(pre, "--train")
+    bootstrap.train_filter(args, train_dir, out, runs)
+    assert len(commands) == 2  # done: nothing reruns
+
+    # --filter-finetune-epochs 0: one stage on the bootstrapped set, the banks from it too
+    commands.clear()
+    one = bootstrap.build_parser().parse_args(
+        ["--tuxpaint", str(tmp_path / "tux"), "--filter-finetune-epochs", "0"]
+    )
+    bootstrap.train_filter(one, train_dir, tmp_path / "one" / "filter", runs)
+    [cmd] = commands
+    assert opt(cmd, "--output") == str(tmp_path / "one" / "filter") and "--init-from" not in cmd
+    assert opt(cmd, "--hub-shards") == opt(pre, "--train")
