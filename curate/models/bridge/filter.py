@@ -296,24 +296,28 @@ class BridgeFilterModel(PreTrainedModel):
         """
         dtype = self.image_pos.dtype
         image_tokens = image_tokens.to(dtype)
-        image = self.image_in(image_tokens) + self.image_pos[: image_tokens.shape[1]]
-        if self.config.label_prior:
-            prior = self.text_in(self.label_prior(image_tokens)) + self.image_pos[-1]
-            image = torch.cat([image, prior.unsqueeze(1)], dim=1)
-        text = self.text_in(text_states.to(dtype))
+        # without fusion layers the head reads the first token alone: nothing else is projected
+        text = self.text_in((text_states if len(self.layers) else text_states[:, :1]).to(dtype))
         text = torch.cat([text[:, :1] + self.enc_token, text[:, 1:]], dim=1)
-        last = len(self.layers) - 1
-        for i, layer in enumerate(self.layers):
-            text = layer(text, text_mask, image, image_index, first_only=i == last)
+        if len(self.layers):
+            image = self.image_in(image_tokens) + self.image_pos[: image_tokens.shape[1]]
+            if self.config.label_prior:
+                prior = self.text_in(self.label_prior(image_tokens)) + self.image_pos[-1]
+                image = torch.cat([image, prior.unsqueeze(1)], dim=1)
+            last = len(self.layers) - 1
+            for i, layer in enumerate(self.layers):
+                text = layer(text, text_mask, image, image_index, first_only=i == last)
         logits = self.itm_head(self.norm(text[:, 0]))
         if self.itc_gain is None:
             return logits
         mask = text_mask.unsqueeze(-1).to(dtype)
         pooled = (text_states.to(dtype) * mask).sum(1) / mask.sum(1).clamp(min=1)
         image_feat = self.image_itc(image_tokens)
+        image_hub = self.image_hubness(image_feat)  # once per image, however many texts
         if image_index is not None:
             image_feat = image_feat.index_select(0, image_index)
-        sim = self.pair_similarity(image_feat, self.text_itc(pooled))
+            image_hub = None if image_hub is None else image_hub.index_select(0, image_index)
+        sim = self.pair_similarity(image_feat, self.text_itc(pooled), image_hub)
         return logits + torch.stack([torch.zeros_like(sim), self.itc_gain * sim], dim=-1)
 
     def _frozen_prior(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
@@ -352,19 +356,28 @@ class BridgeFilterModel(PreTrainedModel):
         """(B, proj_dim) -> (B,): mean cosine of the ``hub_k`` nearest bank rows."""
         return (feat @ bank.to(feat.dtype).t()).topk(self.config.hub_k, dim=-1).values.mean(-1)
 
-    def pair_similarity(self, image_feat: torch.Tensor, text_feat: torch.Tensor) -> torch.Tensor:
-        """Unit ITC embeddings of N pairs (N, proj_dim) each -> (N,) similarity (see module doc)."""
+    def image_hubness(self, image_feat: torch.Tensor) -> torch.Tensor | None:
+        """(I, proj_dim) unit image embeddings -> (I,) their hubness (None without the correction)."""
+        return self._hub(image_feat, self.hub_texts) if self.config.hub_k > 0 else None
+
+    def pair_similarity(
+        self, image_feat: torch.Tensor, text_feat: torch.Tensor, image_hub: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Unit ITC embeddings of N pairs (N, proj_dim) each -> (N,) similarity (see module doc);
+        ``image_hub``: the images' ``image_hubness`` when already at hand."""
         cos = (image_feat * text_feat).sum(-1)
         if self.config.hub_k <= 0:
             return cos
-        return cos - (self._hub(image_feat, self.hub_texts) + self._hub(text_feat, self.hub_images)) / 2
+        if image_hub is None:
+            image_hub = self.image_hubness(image_feat)
+        return cos - (image_hub + self._hub(text_feat, self.hub_images)) / 2
 
     def similarity_matrix(self, image_feat: torch.Tensor, text_feat: torch.Tensor) -> torch.Tensor:
         """Unit ITC embeddings (I, proj_dim), (T, proj_dim) -> (I, T) similarity of every pair."""
         sim = image_feat @ text_feat.t()
         if self.config.hub_k <= 0:
             return sim
-        hub_i, hub_t = self._hub(image_feat, self.hub_texts), self._hub(text_feat, self.hub_images)
+        hub_i, hub_t = self.image_hubness(image_feat), self._hub(text_feat, self.hub_images)
         return sim - (hub_i[:, None] + hub_t[None, :]) / 2
 
     @torch.no_grad()
@@ -461,6 +474,7 @@ class BridgeFilterModel(PreTrainedModel):
             return ([], [], torch.zeros(0, dim), torch.zeros(0, dim)) if features else ([], [])
         image_tokens = self.encode_images(images)
         image_feat = self.image_itc(image_tokens).float() if itc else None
+        image_hub = self.image_hubness(image_feat) if itc else None
         text_feats = torch.zeros(total, dim, device=self._device) if features else None
         itm_flat, itc_flat = [0.0] * total, [0.0] * total
         for positions, image_index, texts in _pair_chunks(texts_per_image, batch_size):
@@ -471,7 +485,8 @@ class BridgeFilterModel(PreTrainedModel):
                 _place(itm_flat, positions, torch.softmax(logits, dim=-1)[:, 1].tolist())
             if itc:
                 text_feat = self.text_itc(pooled).float()
-                sim = self.pair_similarity(image_feat.index_select(0, idx), text_feat)
+                hub = None if image_hub is None else image_hub.index_select(0, idx)
+                sim = self.pair_similarity(image_feat.index_select(0, idx), text_feat, hub)
                 _place(itc_flat, positions, sim.tolist())
                 if text_feats is not None:
                     text_feats[torch.tensor(positions, device=self._device)] = text_feat
