@@ -193,12 +193,14 @@ def test_wrong_language_model_width_fails_loudly(tiny_lm):
 
 
 def saved_filter(path: Path, seed: int = 5, **overrides) -> Path:
-    """A tiny bridge filter (random weights) saved as train_filter saves one."""
+    """A tiny bridge filter (random weights, hubness banks of 8 rows) saved as train_filter saves one."""
     from curate.models.bridge import BridgeFilterConfig, BridgeFilterModel
 
     torch.manual_seed(seed)
-    config = BridgeFilterConfig(hidden_size=16, num_layers=0, num_heads=2, **overrides)
-    BridgeFilterModel(config).save_pretrained(path)
+    config = BridgeFilterConfig(hidden_size=16, num_layers=0, num_heads=2, hub_k=2, hub_bank=8, **overrides)
+    model = BridgeFilterModel(config)
+    model.set_hub_banks(*torch.nn.functional.normalize(torch.randn(2, 8, config.proj_dim), dim=-1))
+    model.save_pretrained(path)
     return path
 
 
@@ -392,7 +394,9 @@ def test_itc_from_trains_a_captioner_holding_the_filter_on_its_image_features(sh
     assert config["itc_prefix_tokens"] == 4 and config["image_resize"] == "pad"  # the filter's
     assert config["itc_filter"]["model_type"] == "curate-bridge-filter"
     saved, held = saved_weights(tmp_path / "itc"), load_file(str(filter_dir / "model.safetensors"))
+    held = {k: v for k, v in held.items() if not k.startswith("hub_")}  # the banks stay behind
     assert all(torch.equal(saved[f"itc.{k}"], v) for k, v in held.items())  # held, not trained
+    assert not any(k.startswith("itc.hub_") for k in saved)
     # the features it trained on were the filter's (padded) ones: the cache holds those alone
     from train.lib.features import cache_key
 

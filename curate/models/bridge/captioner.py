@@ -145,6 +145,8 @@ def itc_filter_config(config: BridgeCaptionerConfig) -> BridgeFilterConfig:
     if not config.itc_filter:
         raise ValueError("itc_prefix_tokens > 0 needs itc_filter: the config of the filter it holds")
     filter_config = BridgeFilterConfig.from_dict(config.itc_filter)
+    # the captioner reads the image embedding alone: no hubness banks (megabytes) travel with it
+    filter_config.hub_k = filter_config.hub_bank = 0
     if filter_config.image_resize != config.image_resize:
         raise ValueError(
             f"the captioner squares images by {config.image_resize!r}, its ITC filter by "
@@ -238,6 +240,7 @@ class BridgeCaptionerModel(PreTrainedModel):
         if self.itc is None:
             raise ValueError("this captioner has no ITC prefix (itc_prefix_tokens is 0)")
         own = self.itc.state_dict()
+        state = {k: v for k, v in state.items() if not k.startswith("hub_")}  # banks: see itc_filter_config
         self.itc.load_state_dict({k: v.to(own[k].dtype) if k in own else v for k, v in state.items()})
 
     # -- frozen parts --------------------------------------------------------------------------
