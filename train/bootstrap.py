@@ -1,7 +1,8 @@
 """BLIP's bootstrap loop: models retrained on their own curated output, round after round.
 
-Round 0 is the committed pair (``pipelines/models/bridge-filter``, ``bridge-captioner``,
-trained on the human tuxpaint captions). Round r >= 1:
+Round 0 is ``--filter`` and ``--captioner``, by default the committed pair
+(``pipelines/models/bridge-filter``, ``bridge-captioner``: themselves round 1 of this loop
+from a seed pair trained on the human tuxpaint captions alone, docs/bootstrap.md). Round r >= 1:
 
 1. ``capfilt``: ``curate run pipelines/capfilt_cpu.yaml`` over the openclipart web set (all
    of it, or ``--per-shard`` samples of each shard, ``train.lib.websubset``) with round r-1's
