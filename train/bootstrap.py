@@ -94,7 +94,7 @@ def capfilt(
 
 def pairs(args: argparse.Namespace, curated: Path, train_dir: Path) -> dict:
     """Step 2: human + filtered web + filtered synthetic pairs as shards in ``train_dir``."""
-    from train.lib.bootstrap import write_pairs
+    from train.lib.bootstrap import score_threshold, write_pairs
     from train.lib.data import list_shards, split_shards
 
     done = train_dir / "_pairs.json"
@@ -109,10 +109,17 @@ def pairs(args: argparse.Namespace, curated: Path, train_dir: Path) -> dict:
 
         stats = {"human": sum(1 for _ in iter_pairs(human, on_error="ignore", max_side=16))}
         curated_shards = list_shards(str(curated / "shards"))
+        min_score = None
+        if args.keep_fraction < 1:  # the best part of what the filter scored, above the threshold too
+            min_score = max(score_threshold(curated / "samples", args.keep_fraction), args.itm_threshold)
+            log.info("web texts kept at P(match) >= %.4f (--keep-fraction %s)", min_score, args.keep_fraction)
+            stats["min_itm_score"] = round(min_score, 4)
         for source in ("alt", "synthetic"):
-            got = write_pairs(curated_shards, source, train_dir, source)
+            got = write_pairs(curated_shards, source, train_dir, source, min_score=min_score)
             stats[source] = got["samples"]
-        stats["web_images"] = sum(1 for _ in iter_pairs(curated_shards, on_error="ignore", max_side=16))
+        web_pairs = sorted(str(p) for s in ("alt", "synthetic") for p in train_dir.glob(f"{s}-*.tar"))
+        image_keys = {p.meta.get("image_key") for p in iter_pairs(web_pairs, "ignore", max_side=16)}
+        stats["web_images"] = len(image_keys)  # images with at least one web pair
         done.write_text(json.dumps(stats) + "\n")
     return json.loads(done.read_text())
 
@@ -278,6 +285,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument(
         "--itm-threshold", type=float, default=0.2,
         help="CapFilt keeps a text whose P(match) reaches this (lenient: the set is for training)",
+    )  # fmt: skip
+    ap.add_argument(
+        "--keep-fraction", type=float, default=1.0,
+        help="the bootstrapped set takes at most this fraction of the web texts scored (alt and "
+        "synthetic pooled, the best by P(match); 1: every kept text), so a lenient filter "
+        "does not let the whole web set through",
     )  # fmt: skip
     ap.add_argument("--filter", default="pipelines/models/bridge-filter", help="round 0 filter")
     ap.add_argument("--captioner", default="pipelines/models/bridge-captioner", help="round 0 captioner")

@@ -9,6 +9,10 @@ reads (``KEY.<ext>`` image bytes as curated, ``KEY.txt`` the text, ``KEY.json``)
 filter and captioner scripts train on them as on any other shards, next to the human
 tuxpaint train split. The same input always writes byte-identical tars.
 
+``score_threshold`` turns a kept fraction into a P(match) threshold over every web text the
+filter scored (the run's ``samples`` Parquet lists them all, dropped ones too), so a round
+whose filter accepts nearly everything can still keep the best part.
+
 ``paired_bootstrap`` gives the test-set noise of a difference of per-image scores
 (CIDEr-D of two captioners on the same images); ``markdown_table`` is the round table.
 """
@@ -30,9 +34,12 @@ from train.lib.data import kept_captions, list_shards
 SOURCES = ("alt", "synthetic")
 
 
-def write_pairs(curated: Sequence[str], source: str, directory: str | Path, prefix: str) -> dict:
+def write_pairs(
+    curated: Sequence[str], source: str, directory: str | Path, prefix: str, min_score: float | None = None
+) -> dict:
     """The kept texts of ``source`` in the ``curated`` shards -> ``directory/PREFIX-NAME.tar``, one
-    sample per (image, text) pair; returns ``{"samples", "shards", "images"}``.
+    sample per (image, text) pair; returns ``{"samples", "shards", "images"}``. With
+    ``min_score``, only kept texts whose ``itm_score`` reaches it.
 
     A sample's key is ``KEY_<source>[_N]`` (the Nth kept text of that source, N > 0), so
     pairs of one image stay recognisable and no key collides with another source's.
@@ -51,6 +58,9 @@ def write_pairs(curated: Sequence[str], source: str, directory: str | Path, pref
                     continue
                 meta = json.loads(files["json"])
                 texts = kept_captions(meta, source)
+                if min_score is not None:
+                    scores = _itm_scores(meta, source)
+                    texts = [t for t in texts if scores.get(t, -math.inf) >= min_score]
                 images += bool(texts)
                 for n, text in enumerate(texts):
                     pair_key = f"{key}_{source}" + (f"_{n}" if n else "")
@@ -70,6 +80,39 @@ def write_pairs(curated: Sequence[str], source: str, directory: str | Path, pref
             write_atomic(path, data)
         shards += 1
     return {"samples": samples, "shards": shards, "images": images}
+
+
+def _itm_scores(meta: dict, source: str) -> dict[str, float]:
+    """A curated ``KEY.json``'s kept texts of ``source`` -> their ``itm_score`` (texts as
+    ``kept_captions`` gives them, whitespace collapsed)."""
+    out: dict[str, float] = {}
+    for c in meta.get("captions") or []:
+        if not (isinstance(c, dict) and c.get("source") == source and isinstance(c.get("text"), str)):
+            continue
+        if isinstance(score := c.get("itm_score"), int | float):
+            out.setdefault(" ".join(c["text"].split()), float(score))
+    return out
+
+
+def score_threshold(samples: str | Path, fraction: float, sources: Sequence[str] = SOURCES) -> float:
+    """The ``itm_score`` that the best ``fraction`` of the scored texts of ``sources`` reach, over
+    every candidate in a run's ``samples/*.parquet`` (kept or dropped)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    if not 0 < fraction <= 1:
+        raise ValueError(f"a kept fraction is in (0, 1], got {fraction}")
+    files = sorted(Path(samples).glob("*.parquet"))
+    if not files:
+        raise FileNotFoundError(f"no samples/*.parquet under {samples}: was the CapFilt run finished?")
+    cands = pc.list_flatten(pq.read_table(files, columns=["candidates"]).column("candidates"))
+    keep = pc.and_(pc.is_in(pc.struct_field(cands, "source"), value_set=pa.array(list(sources), pa.string())),
+                   pc.is_valid(pc.struct_field(cands, "itm_score")))  # fmt: skip
+    scores = np.asarray(pc.filter(pc.struct_field(cands, "itm_score"), keep).to_numpy(zero_copy_only=False))
+    if scores.size == 0:
+        raise ValueError(f"no {'/'.join(sources)} text has an itm_score in {samples}")
+    return float(np.quantile(scores, 1.0 - fraction, method="higher"))
 
 
 def paired_bootstrap(a: Sequence[float], b: Sequence[float], draws: int = 2000, seed: int = 0) -> dict:
