@@ -11,7 +11,9 @@ from a seed pair trained on the human tuxpaint captions alone, docs/bootstrap.md
    ``--itm-threshold``;
 2. ``pairs``: the bootstrapped set as BLIP builds it: human pairs (tuxpaint train) +
    filtered web pairs + filtered synthetic pairs, each kept (image, text) one sample
-   (``train.lib.bootstrap.write_pairs``), in ``WORK/roundR/train/``;
+   (``train.lib.bootstrap.write_pairs``), in ``WORK/roundR/train/``; with ``--keep-fraction
+   F`` only the web texts whose P(match) is among the best F of all scored (alt and
+   synthetic pooled, ``train.lib.bootstrap.score_threshold``);
 3. ``filter``: BLIP pre-trains on the bootstrapped set and fine-tunes on human pairs.
    ``python -m train.train_filter`` on the bootstrapped set (``filter-pre``), then
    ``--init-from`` it on the human pairs alone for ``--filter-finetune-epochs`` with the
@@ -287,10 +289,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="CapFilt keeps a text whose P(match) reaches this (lenient: the set is for training)",
     )  # fmt: skip
     ap.add_argument(
-        "--keep-fraction", type=float, default=1.0,
+        "--keep-fraction", type=float, default=0.45,
         help="the bootstrapped set takes at most this fraction of the web texts scored (alt and "
         "synthetic pooled, the best by P(match); 1: every kept text), so a lenient filter "
-        "does not let the whole web set through",
+        "does not let the whole web set through (0.45: what the seed filter kept at 0.2)",
     )  # fmt: skip
     ap.add_argument("--filter", default="pipelines/models/bridge-filter", help="round 0 filter")
     ap.add_argument("--captioner", default="pipelines/models/bridge-captioner", help="round 0 captioner")

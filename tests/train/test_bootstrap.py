@@ -83,7 +83,7 @@ def test_pairs_step_links_the_human_split_counts_and_is_skipped_once_done(tmp_pa
     human = write_curated(tmp_path / "tux" / "train" / "00000.tar")  # any shards with KEY.txt do
     curated = tmp_path / "round1" / "capfilt"
     write_curated(curated / "shards" / "00000.tar")
-    args = bootstrap.build_parser().parse_args(["--tuxpaint", str(tmp_path / "tux")])
+    args = bootstrap.build_parser().parse_args(["--tuxpaint", str(tmp_path / "tux"), "--keep-fraction", "1"])
     train_dir = tmp_path / "round1" / "train"
     stats = bootstrap.pairs(args, curated, train_dir)
     assert stats == {"human": 3, "alt": 2, "synthetic": 2, "web_images": 3}
@@ -146,7 +146,7 @@ def test_the_filter_step_pre_trains_on_the_bootstrapped_set_then_fine_tunes_on_h
     write_curated(tmp_path / "tux" / "train" / "00000.tar")
     curated = tmp_path / "round1" / "capfilt"
     write_curated(curated / "shards" / "00000.tar")
-    args = bootstrap.build_parser().parse_args(["--tuxpaint", str(tmp_path / "tux")])
+    args = bootstrap.build_parser().parse_args(["--tuxpaint", str(tmp_path / "tux"), "--keep-fraction", "1"])
     train_dir = tmp_path / "round1" / "train"
     bootstrap.pairs(args, curated, train_dir)
     commands: list[list[str]] = []
