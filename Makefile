@@ -58,10 +58,11 @@ experiment: experiment-data
 	$(BIN)/python -m train.experiment --web $(EXP_WEB) --tuxpaint data/tuxpaint --work out/experiment $(EXP_ARGS)
 
 # BLIP's bootstrap loop (python -m train.bootstrap, docs/bootstrap.md): the committed
-# bridges curate a spread subset of openclipart with CapFilt, a new filter and captioner
-# train on human + filtered web + filtered synthetic pairs, and each round is scored on
-# tuxpaint test and on the held-out emoji set (npm's emoji-datasource-twitter, never
-# trained on). Resumable per step; out/bootstrap/results.md is the round table.
+# bridges curate all of openclipart with CapFilt, a new filter pre-trains on human + filtered
+# web + filtered synthetic pairs and fine-tunes on the human ones, a new captioner reads that
+# filter's embedding, and each round is scored on tuxpaint test and on the held-out emoji set
+# (npm's emoji-datasource-twitter, never trained on). About 55 minutes a round on 2 cores;
+# resumable per step; out/bootstrap/results.md is the round table.
 BOOT_ARGS ?=
 bootstrap-data: experiment-data
 	@command -v npm >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -qq && apt-get install -y -qq npm >/dev/null; }

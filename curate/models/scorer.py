@@ -2,7 +2,8 @@
 
 One interface, ``scorer(images, texts_per_image) -> {field: scores per image}``, for the
 candidate fields it was loaded for: ``itm_score`` (an ITM head's P(match), CapFilt's
-filter) and ``clip_score`` (image-text cosine similarity, BLIP-2's ranking signal).
+filter) and ``clip_score`` (image-text cosine similarity, BLIP-2's ranking signal; a bridge
+filter with a hubness correction gives the cosine less its hubness terms).
 Three implementations:
 
 - :class:`~curate.models.itm.ITMFilter`: BLIP's retrieval model, ``itm_score``;
