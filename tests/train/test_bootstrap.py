@@ -188,3 +188,50 @@ def test_the_filter_step_pre_trains_on_the_bootstrapped_set_then_fine_tunes_on_h
     [cmd] = commands
     assert opt(cmd, "--output") == str(tmp_path / "one" / "filter") and "--init-from" not in cmd
     assert opt(cmd, "--hub-shards") == opt(pre, "--train")
+
+
+def test_keep_fraction_takes_the_best_scored_web_texts_of_every_candidate(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from train.lib.bootstrap import score_threshold
+
+    write_curated(tmp_path / "tux" / "train" / "00000.tar")
+    curated = tmp_path / "round2" / "capfilt"
+    rows = [  # what CapFilt kept at its threshold (0.2), with the scores it gave
+        curated_row("a1", (200, 0, 0), [("A red circle.", "synthetic"), ("red circle", "alt")]),
+        curated_row("a2", (0, 200, 0), [("green", "alt")], dropped=[("a cat.", "synthetic")]),
+        curated_row("a3", (0, 0, 200), [("A blue box.", "synthetic")], dropped=[("IMG_0001", "alt")]),
+    ]
+    scores = {"A red circle.": 0.9, "red circle": 0.6, "green": 0.3, "A blue box.": 0.8}
+    for row in rows:
+        for c in row["candidates"]:
+            c["itm_score"] = scores.get(c["text"], 0.1)
+    (curated / "shards").mkdir(parents=True)
+    write_atomic(curated / "shards" / "00000.tar", tar_bytes([m for r in rows for m in tar_members(r)]))
+    (curated / "samples").mkdir()
+    pq.write_table(
+        pa.table({"candidates": [r["candidates"] for r in rows]}), curated / "samples" / "00000.parquet"
+    )
+    # six texts scored 0.9 0.8 0.6 0.3 0.1 0.1: the best half reach 0.6
+    assert score_threshold(curated / "samples", 0.5) == pytest.approx(0.6)
+    assert score_threshold(curated / "samples", 1.0) == pytest.approx(0.1)
+    with pytest.raises(ValueError, match=r"kept fraction is in \(0, 1\]"):
+        score_threshold(curated / "samples", 0)
+    with pytest.raises(FileNotFoundError, match=r"no samples/.*nowhere"):
+        score_threshold(tmp_path / "nowhere", 0.5)
+
+    def run(fraction: str, name: str) -> dict:
+        argv = ["--tuxpaint", str(tmp_path / "tux"), "--keep-fraction", fraction]
+        return bootstrap.pairs(bootstrap.build_parser().parse_args(argv), curated, tmp_path / name)
+
+    half = run("0.5", "half")
+    assert half == {"human": 3, "min_itm_score": 0.6, "alt": 1, "synthetic": 2, "web_images": 2}
+    got = iter_pairs(sorted(str(p) for p in (tmp_path / "half").glob("[as]*.tar")), on_error="raise")
+    assert {p.key: p.caption for p in got} == {
+        "a1_alt": "red circle",
+        "a1_synthetic": "A red circle.",
+        "a3_synthetic": "A blue box.",
+    }  # "green" (0.3) was kept by CapFilt but is not among the best half
+    # a fraction whose threshold falls below CapFilt's keeps what CapFilt kept
+    assert run("0.9", "most") == {"human": 3, "min_itm_score": 0.2, "alt": 2, "synthetic": 2, "web_images": 3}
