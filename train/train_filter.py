@@ -142,16 +142,13 @@ def init_hparams(hp: FilterHparams, init_from: str | Path) -> FilterHparams:
 @torch.no_grad()
 def fill_hub_banks(model, feats, seed: int, device: torch.device | str = "cpu") -> int:
     """The banks from ``hub_bank`` training rows drawn with ``seed``; returns the rows used."""
+    from train.lib.evaluation import itc_embeddings
+
     rows = torch.randperm(len(feats), generator=torch.Generator().manual_seed(seed))
     rows = sorted(rows[: model.config.hub_bank].tolist())
     was = model.training
     model.eval()
-    images, texts = [], []
-    for start in range(0, len(rows), 256):
-        b = feats.batch(rows[start : start + 256], device)
-        images.append(model.image_itc(b["image_tokens"]))
-        texts.append(model.text_itc(b["text_pooled"]))
-    model.set_hub_banks(torch.cat(images), torch.cat(texts))
+    model.set_hub_banks(*itc_embeddings(model, feats, rows, device))
     model.train(was)
     return len(rows)
 

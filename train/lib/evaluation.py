@@ -78,17 +78,25 @@ def itm_probabilities(
 
 
 @torch.no_grad()
+def itc_embeddings(
+    model: torch.nn.Module, features: Features, rows: list[int], device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unit ITC embeddings (image, text) of ``rows`` of the cached features, 256 rows at a time."""
+    img, txt = [], []
+    for start in range(0, len(rows), 256):
+        b = features.batch(rows[start : start + 256], device)
+        img.append(model.image_itc(b["image_tokens"]))
+        txt.append(model.text_itc(b["text_pooled"]))
+    return torch.cat(img), torch.cat(txt)
+
+
+@torch.no_grad()
 def itc_similarity(
     model: torch.nn.Module, features: Features, device: torch.device | str = "cpu"
 ) -> torch.Tensor:
     """(N images, N texts) ITC similarity (the cosine, hubness-corrected where the filter is)."""
-    all_rows = list(range(len(features)))
-    img, txt = [], []
-    for start in range(0, len(all_rows), 256):
-        b = features.batch(all_rows[start : start + 256], device)
-        img.append(model.image_itc(b["image_tokens"]))
-        txt.append(model.text_itc(b["text_pooled"]))
-    return model.similarity_matrix(torch.cat(img), torch.cat(txt)).float().cpu()
+    img, txt = itc_embeddings(model, features, list(range(len(features))), device)
+    return model.similarity_matrix(img, txt).float().cpu()
 
 
 @torch.no_grad()
