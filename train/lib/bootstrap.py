@@ -57,10 +57,7 @@ def write_pairs(
                 if problems or ext is None or "json" not in files:
                     continue
                 meta = json.loads(files["json"])
-                texts = kept_captions(meta, source)
-                if min_score is not None:
-                    scores = _itm_scores(meta, source)
-                    texts = [t for t in texts if scores.get(t, -math.inf) >= min_score]
+                texts = kept_captions(meta, source, min_score)
                 images += bool(texts)
                 for n, text in enumerate(texts):
                     pair_key = f"{key}_{source}" + (f"_{n}" if n else "")
@@ -82,18 +79,6 @@ def write_pairs(
     return {"samples": samples, "shards": shards, "images": images}
 
 
-def _itm_scores(meta: dict, source: str) -> dict[str, float]:
-    """A curated ``KEY.json``'s kept texts of ``source`` -> their ``itm_score`` (texts as
-    ``kept_captions`` gives them, whitespace collapsed)."""
-    out: dict[str, float] = {}
-    for c in meta.get("captions") or []:
-        if not (isinstance(c, dict) and c.get("source") == source and isinstance(c.get("text"), str)):
-            continue
-        if isinstance(score := c.get("itm_score"), int | float):
-            out.setdefault(" ".join(c["text"].split()), float(score))
-    return out
-
-
 def score_threshold(samples: str | Path, fraction: float, sources: Sequence[str] = SOURCES) -> float:
     """The ``itm_score`` that the best ``fraction`` of the scored texts of ``sources`` reach, over
     every candidate in a run's ``samples/*.parquet`` (kept or dropped)."""
@@ -109,7 +94,7 @@ def score_threshold(samples: str | Path, fraction: float, sources: Sequence[str]
     cands = pc.list_flatten(pq.read_table(files, columns=["candidates"]).column("candidates"))
     keep = pc.and_(pc.is_in(pc.struct_field(cands, "source"), value_set=pa.array(list(sources), pa.string())),
                    pc.is_valid(pc.struct_field(cands, "itm_score")))  # fmt: skip
-    scores = np.asarray(pc.filter(pc.struct_field(cands, "itm_score"), keep).to_numpy(zero_copy_only=False))
+    scores = pc.filter(pc.struct_field(cands, "itm_score"), keep).to_numpy(zero_copy_only=False)
     if scores.size == 0:
         raise ValueError(f"no {'/'.join(sources)} text has an itm_score in {samples}")
     return float(np.quantile(scores, 1.0 - fraction, method="higher"))

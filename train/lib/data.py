@@ -88,14 +88,20 @@ def split_shards(root: str | Path, split: str) -> list[str]:
     return list_shards(Path(root) / split)
 
 
-def kept_captions(meta: dict[str, Any], source: str | None = None) -> list[str]:
+def kept_captions(
+    meta: dict[str, Any], source: str | None = None, min_score: float | None = None
+) -> list[str]:
     """A curated sample's kept captions (``KEY.json`` ``captions``, best first), whitespace
     collapsed and without repeats; only those of ``source`` (``alt``, ``synthetic``,
-    ``kale``) when given. Empty for a sample with none (a raw shard's ``KEY.json``)."""
+    ``kale``) when given, and only those whose ``itm_score`` reaches ``min_score`` when
+    given. Empty for a sample with none (a raw shard's ``KEY.json``)."""
     listed = meta.get("captions") if isinstance(meta, dict) else None
     texts: list[str] = []
     for c in listed if isinstance(listed, list) else []:
         if not isinstance(c, dict) or (source is not None and c.get("source") != source):
+            continue
+        score = c.get("itm_score")
+        if min_score is not None and not (isinstance(score, int | float) and score >= min_score):
             continue
         text = c.get("text")
         if isinstance(text, str) and (text := " ".join(text.split())) and text not in texts:
